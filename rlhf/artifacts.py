@@ -1,0 +1,96 @@
+"""Stage outputs: written to `<output_dir>.incomplete`, renamed to `<output_dir>` only when complete.
+
+A directory named exactly `output_dir` is therefore always a finished stage; a killed run leaves
+only the `.incomplete` folder, whose Trainer checkpoints the next run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers.trainer_utils import get_last_checkpoint
+
+INCOMPLETE_SUFFIX = ".incomplete"
+METRICS_FILE = "metrics.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+def incomplete_dir(output_dir: str | Path) -> Path:
+    """Where a stage writes while it runs."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + INCOMPLETE_SUFFIX)
+
+
+def is_complete(output_dir: str | Path) -> bool:
+    """True when `output_dir` holds a finished stage output."""
+    return (Path(output_dir) / METRICS_FILE).exists() or (Path(output_dir) / "config.json").exists()
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Atomically replace `final` with the finished `tmp` (same filesystem, so a rename)."""
+    replaced = final.with_name(final.name + ".replaced")
+    if final.exists():
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
+    os.replace(tmp, final)
+    if replaced.exists():
+        shutil.rmtree(replaced)
+
+
+@contextmanager
+def atomic_output_dir(output_dir: str | Path) -> Iterator[Path]:
+    """Yield a scratch directory that becomes `output_dir` only if the block finishes."""
+    tmp = incomplete_dir(output_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    publish_dir(tmp, Path(output_dir))
+
+
+def start_stage(training_args: Any) -> tuple[Path, str | None]:
+    """Point the trainer at the scratch directory; return (final output dir, checkpoint to resume from)."""
+    final = Path(training_args.output_dir)
+    tmp = incomplete_dir(final)
+    tmp.mkdir(parents=True, exist_ok=True)
+    training_args.output_dir = str(tmp)
+    resume = training_args.resume_from_checkpoint or get_last_checkpoint(str(tmp))
+    return final, resume
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+
+
+def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path) -> Path:
+    """Save model, tokenizer, trainer state, metrics.json and the resolved recipe; then publish."""
+    tmp = Path(trainer.args.output_dir)
+    trainer.save_model(str(tmp))
+    if trainer.accelerator.is_main_process:
+        trainer.save_state()
+        for checkpoint in tmp.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        # Pickled arguments are unsafe to load; the resolved recipe below records the same settings.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        write_json(tmp / METRICS_FILE, {"stage": recipe.stage, **metrics})
+        with open(tmp / RECIPE_FILE, "w") as handle:
+            yaml.safe_dump(recipe.resolved, handle, sort_keys=False)
+        publish_dir(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def read_metrics(output_dir: str | Path) -> dict[str, Any]:
+    """The metrics.json of a finished stage."""
+    with open(Path(output_dir) / METRICS_FILE) as handle:
+        return json.load(handle)

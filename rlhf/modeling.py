@@ -1,0 +1,233 @@
+"""Tokenizer and model loading (the one place that does it), and the tiny checkpoint factory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from trl import ModelConfig, get_quantization_config
+
+from rlhf.config import RecipeError
+
+# ChatML with the assistant turn (and its closing token, the EOS) wrapped in generation markers,
+# so SFT's assistant_only_loss trains the model to emit the stop token.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+EXTRA_SPECIAL_TOKENS = ["<|im_start|>"]
+
+
+def check_model_source(name_or_path: str, field: str = "model_name_or_path") -> None:
+    """Fail early, with the fix, when a checkpoint is neither a local directory nor reachable on the Hub."""
+    if os.path.isdir(name_or_path):
+        if not (Path(name_or_path) / "config.json").exists():
+            raise RecipeError(
+                f"{field}: directory {name_or_path!r} has no config.json; point it at a saved checkpoint "
+                "(a stage's output directory or a save_pretrained folder)."
+            )
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise RecipeError(
+            f"{field}: path {name_or_path!r} does not exist; check the path or run the stage that writes it."
+        )
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return  # in the local Hub cache: loads offline
+    except HFValidationError as error:
+        raise RecipeError(
+            f"{field}: {name_or_path!r} is neither a local directory nor a valid Hub id ({error})."
+        ) from None
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise RecipeError(
+            f"{field}: {name_or_path!r} is not a local directory and not in the Hub cache, and HF_HUB_OFFLINE=1; "
+            "download it first (huggingface-cli download) or use a local path."
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(name_or_path, timeout=10)
+    except Exception as error:  # any failure here means the load would fail later, after work was done
+        raise RecipeError(
+            f"{field}: cannot reach the Hugging Face Hub for {name_or_path!r} ({type(error).__name__}); "
+            "check the id and your connection, set HF_ENDPOINT for a mirror, or use a local path."
+        ) from None
+
+
+def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make it ready for training: pad token, chat template, right padding."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Padding with EOS hides the stop token from the loss in some collators; prefer a distinct one.
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool = False) -> dict:
+    """Keyword arguments for `from_pretrained` from a ModelConfig (dtype, attention, quantization)."""
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    kwargs = {
+        "revision": model_args.model_revision,
+        "dtype": dtype,
+        "attn_implementation": model_args.attn_implementation,
+        "trust_remote_code": trust_remote_code,
+    }
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        if not torch.cuda.is_available():
+            raise RecipeError(
+                "load_in_4bit/load_in_8bit: bitsandbytes quantized training needs a CUDA GPU; "
+                "remove the flag on CPU (use `rlhf quantize` for CPU inference)."
+            )
+        from trl import get_kbit_device_map
+
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = get_kbit_device_map()
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def load_causal_lm(
+    model_args: ModelConfig, trust_remote_code: bool = False, from_scratch: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM (or initialise one from its config when `from_scratch`)."""
+    kwargs = model_init_kwargs(model_args, trust_remote_code)
+    if from_scratch:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(
+            config, attn_implementation=kwargs.get("attn_implementation"), trust_remote_code=trust_remote_code
+        )
+    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+
+def load_sequence_classifier(
+    model_args: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int = 1, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a checkpoint with a (new or existing) scalar score head, e.g. a reward or value model."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, num_labels=num_labels, **model_init_kwargs(model_args, trust_remote_code)
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def align_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make generation stop on the tokenizer's EOS and pad with its pad token."""
+    if model.generation_config is None:
+        model.generation_config = GenerationConfig()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+
+
+def train_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the embedded world's corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from rlhf.data.synthetic import corpus_for_tokenizer
+
+    special = [*SPECIAL_TOKENS.values(), *EXTRA_SPECIAL_TOKENS]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(list(corpus_for_tokenizer()) * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": EXTRA_SPECIAL_TOKENS})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_checkpoint(
+    output_dir: str | Path,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 1024,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised tiny Llama-style checkpoint with a locally trained tokenizer.
+
+    A Llama config keeps our tokenizer as is (a Qwen2 config would make AutoTokenizer swap in
+    Qwen2Tokenizer and change token ids).
+    """
+    from rlhf.artifacts import atomic_output_dir
+
+    torch.manual_seed(seed)
+    tokenizer = train_tiny_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    align_generation_config(model, tokenizer)
+    with atomic_output_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`rlhf tiny-checkpoint OUTPUT_DIR`: write the embedded default's base checkpoint."""
+    parser = argparse.ArgumentParser(prog="rlhf tiny-checkpoint", description=build_tiny_checkpoint.__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_tiny_checkpoint(
+        args.output_dir, args.hidden_size, args.num_layers, args.num_heads, args.vocab_size, seed=args.seed
+    )
+    print(f"wrote tiny checkpoint to {path}")
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run
+
+    run(main)

@@ -1,0 +1,63 @@
+"""Causal language-model pretraining, from scratch or continued, on plain text with packing.
+
+TRL's SFTTrainer on a `text` dataset is exactly a causal-LM trainer with packing, so this stage
+uses it rather than a second training loop.
+
+    rlhf train recipes/tiny/pretrain.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig, SFTTrainer, get_peft_config
+
+from rlhf.artifacts import finish_stage, start_stage
+from rlhf.config import parse_recipe
+from rlhf.data import prepare_datasets
+from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
+
+
+@dataclass
+class PretrainConfig(SFTConfig):
+    """SFTConfig plus `from_scratch`: initialise weights from the checkpoint's config instead of loading them."""
+
+    from_scratch: bool = field(default=False, metadata={"help": "Random init from the checkpoint's config."})
+    packing: bool = field(default=True, metadata={"help": "Pack texts into full-length blocks (SFTConfig's)."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe = parse_recipe(argv, PretrainConfig, stage="pretrain")
+    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+
+    train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "language_modeling", training_args.seed)
+
+    tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    model = load_causal_lm(model_args, recipe.trust_remote_code, from_scratch=training_args.from_scratch)
+    align_generation_config(model, tokenizer)
+
+    final_dir, resume_from = start_stage(training_args)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+
+    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_dataset is not None else {}
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    eval_after = trainer.evaluate() if eval_dataset is not None else {}
+    finish_stage(
+        trainer,
+        recipe,
+        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
+        final_dir,
+    )
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run
+
+    run(main)

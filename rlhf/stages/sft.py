@@ -1,0 +1,67 @@
+"""Supervised fine-tuning with TRL's SFTTrainer.
+
+rlhf train recipes/tiny/sft.yaml
+accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.sft recipes/tiny/sft.yaml
+"""
+
+from __future__ import annotations
+
+from trl import SFTConfig, SFTTrainer, get_peft_config
+
+from rlhf.artifacts import finish_stage, start_stage
+from rlhf.config import RecipeError, parse_recipe
+from rlhf.data import prepare_datasets
+from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
+
+
+def check_stop_token_in_loss(trainer: SFTTrainer, num_rows: int = 8) -> None:
+    """A model that never sees its stop token in the loss never learns to stop: refuse to train so."""
+    eos = trainer.processing_class.eos_token_id
+    rows = trainer.train_dataset.select(range(min(num_rows, len(trainer.train_dataset))))
+    for row in rows:
+        mask = row.get("assistant_masks") or row.get("completion_mask") or [1] * len(row["input_ids"])
+        if any(token == eos and m for token, m in zip(row["input_ids"], mask)):
+            return
+    raise RecipeError(
+        f"the EOS token {trainer.processing_class.eos_token!r} never falls inside the loss mask of the first "
+        f"{len(rows)} training rows, so the model would not learn to stop; put the EOS inside the chat "
+        "template's {% generation %} block, or set `eos_token` to the token that ends assistant turns."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe = parse_recipe(argv, SFTConfig, stage="sft")
+    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+
+    train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "sft", training_args.seed)
+
+    tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    model = load_causal_lm(model_args, recipe.trust_remote_code)
+    align_generation_config(model, tokenizer)
+
+    final_dir, resume_from = start_stage(training_args)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    check_stop_token_in_loss(trainer)
+
+    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_dataset is not None else {}
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    eval_after = trainer.evaluate() if eval_dataset is not None else {}
+    finish_stage(
+        trainer,
+        recipe,
+        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
+        final_dir,
+    )
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run
+
+    run(main)
