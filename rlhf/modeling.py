@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     """`rlhf tiny-checkpoint OUTPUT_DIR`: write the embedded default's base checkpoint."""
     parser = argparse.ArgumentParser(prog="rlhf tiny-checkpoint", description=build_tiny_checkpoint.__doc__)
     parser.add_argument("output_dir")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)

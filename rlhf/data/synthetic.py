@@ -186,7 +186,7 @@ def _rows(kind: str, num_examples: int, seed: int, split: str, sft_noise: float)
     pool = _pool(split)
     rows: list[dict] = []
     if kind == "pretrain":
-        for i in range(num_examples):
+        for _ in range(num_examples):
             creature = rng.choice(CREATURES)
             facts = creature_facts(creature)
             sentences = [

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, generation-based scores, safety, perplexity and reports."""

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny real checkpoint built once per session, and helpers to run stages in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+# Tests never reach the Hub; a hub id in a test must fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def write_recipe(path: Path, **keys) -> Path:
+    """Write a recipe YAML with the given keys and return its path."""
+    path.write_text(yaml.safe_dump(keys, sort_keys=False))
+    return path
+
+
+# Settings shared by the short training runs in tests: fp32 CPU, no checkpoints unless asked.
+FAST_TRAINING = {
+    "report_to": "none",
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "seed": 0,
+    "disable_tqdm": True,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny Llama checkpoint with a locally trained tokenizer, saved to disk."""
+    from rlhf.modeling import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "base", hidden_size=64, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint after a short real SFT run on the synthetic conversations (~20 s)."""
+    from rlhf.stages import sft
+
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    recipe = write_recipe(
+        out.parent / "sft.yaml",
+        stage="sft",
+        model_name_or_path=str(tiny_checkpoint),
+        dataset_name="synthetic:sft",
+        synthetic_num_examples=800,
+        synthetic_sft_noise=0.3,
+        clean_deduplicate=False,
+        assistant_only_loss=True,
+        max_length=64,
+        num_train_epochs=2,
+        learning_rate=3e-3,
+        output_dir=str(out),
+        **FAST_TRAINING,
+    )
+    sft.main([str(recipe)])
+    return out
