@@ -59,11 +59,24 @@ class DataArguments(ScriptArguments):
 
 
 @dataclass
+class ModelArguments(ModelConfig):
+    """trl.ModelConfig plus the regularisation settings that live on the model.
+
+    `dropout` sets every dropout probability of the architecture's config (attention_dropout,
+    hidden_dropout, resid_pdrop, …; not lora_dropout). `l1_regularization` adds an L1 penalty on
+    the trainable weights, applied as coef·sign(w) to their gradients before each optimizer step.
+    """
+
+    dropout: float | None = None
+    l1_regularization: float = 0.0
+
+
+@dataclass
 class Recipe:
     """A parsed, validated recipe."""
 
     stage: str
-    model: ModelConfig
+    model: ModelArguments
     data: DataArguments
     training: Any
     resolved: dict[str, Any] = field(default_factory=dict)
@@ -232,7 +245,7 @@ def parse_recipe(argv: list[str] | None, training_class: type, stage: str, data_
         raise RecipeError(
             f"stage: recipe {path} is for stage {named_stage!r}, not {stage!r}; run it with `rlhf train {path}`."
         )
-    classes = {"model": ModelConfig, "data": data_class, "training": training_class}
+    classes = {"model": ModelArguments, "data": data_class, "training": training_class}
     types_by_class = {name: _field_types(cls) for name, cls in classes.items()}
     known = set().union(*types_by_class.values())
     for key in values:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -116,15 +117,31 @@ def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool = False) 
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def _config_with_dropout(model_args: ModelConfig, trust_remote_code: bool) -> dict:
+    """`{"config": ...}` with every architecture dropout set to the recipe's `dropout`, or {} when unset."""
+    dropout = getattr(model_args, "dropout", None)
+    if dropout is None:
+        return {}
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+    )
+    names = [k for k, v in vars(config).items() if "dropout" in k and isinstance(v, float)]
+    if not names:
+        raise RecipeError(f"dropout: {type(config).__name__} has no dropout setting to change; remove `dropout`.")
+    for name in names:
+        setattr(config, name, dropout)
+    return {"config": config}
+
+
 def load_causal_lm(
     model_args: ModelConfig, trust_remote_code: bool = False, from_scratch: bool = False
 ) -> PreTrainedModel:
     """Load a causal LM (or initialise one from its config when `from_scratch`)."""
-    kwargs = model_init_kwargs(model_args, trust_remote_code)
+    kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
     if from_scratch:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
+        config = kwargs.get("config") or AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=trust_remote_code
+        )
         return AutoModelForCausalLM.from_config(
             config, attn_implementation=kwargs.get("attn_implementation"), trust_remote_code=trust_remote_code
         )
@@ -135,9 +152,12 @@ def load_sequence_classifier(
     model_args: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int = 1, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Load a checkpoint with a (new or existing) scalar score head, e.g. a reward or value model."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, num_labels=num_labels, **model_init_kwargs(model_args, trust_remote_code)
-    )
+    kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
+    if "config" in kwargs:
+        kwargs["config"].num_labels = num_labels
+    else:
+        kwargs["num_labels"] = num_labels
+    model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

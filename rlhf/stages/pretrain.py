@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
+from rlhf.callbacks import regularization_callbacks
 from rlhf.config import parse_recipe
 from rlhf.data import prepare_datasets
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=regularization_callbacks(model_args),
     )
 
     eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_dataset is not None else {}

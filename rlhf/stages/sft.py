@@ -9,6 +9,7 @@ from __future__ import annotations
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
+from rlhf.callbacks import regularization_callbacks
 from rlhf.config import RecipeError, parse_recipe
 from rlhf.data import prepare_datasets
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=regularization_callbacks(model_args),
     )
     check_stop_token_in_loss(trainer)
 
