@@ -105,6 +105,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        enums = [o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)]
+        if enums and isinstance(value, str):  # `SchedulerType | str`: the text must still name a member
+            return _coerce(name, value, enums[0])
         errors = []
         for option in options:
             if option is type(None):
@@ -202,6 +205,21 @@ def read_recipe_file(path: str) -> dict[str, Any]:
     return data
 
 
+def parse_dataclass(cls: type, values: dict[str, Any], source: str = "recipe") -> Any:
+    """Build a plain dataclass (e.g. a command's config) from YAML values, with the recipe checks and hints."""
+    types_by_name = _field_types(cls)
+    for key in values:
+        if key not in types_by_name:
+            close = difflib.get_close_matches(key, sorted(types_by_name), n=1, cutoff=0.6)
+            hint = f" Did you mean `{close[0]}`?" if close else " Remove it or check the spelling."
+            raise RecipeError(f"unknown key `{key}` in {source}.{hint}")
+    kwargs = {k: _coerce(k, v, types_by_name[k]) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"{source}: {error}") from None
+
+
 def recipe_stage(path: str) -> str:
     """The stage a recipe file names in its `stage:` key."""
     stage = read_recipe_file(path).get("stage")
@@ -228,9 +246,12 @@ def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) ->
             )
         if flag in training_fields:
             values.setdefault(flag, False)
-    if "gradient_checkpointing" in training_fields:
-        # Recomputing activations saves GPU memory; on CPU it only costs time.
-        values.setdefault("gradient_checkpointing", False)
+    # Recomputing activations saves GPU memory; on CPU it only costs time. transformers 5.24 renamed
+    # gradient_checkpointing to activation_checkpointing; set whichever this version has.
+    if "gradient_checkpointing" not in values and "activation_checkpointing" not in values:
+        name = "activation_checkpointing" if "activation_checkpointing" in training_fields else "gradient_checkpointing"
+        if name in training_fields:
+            values[name] = False
 
 
 def parse_recipe(argv: list[str] | None, training_class: type, stage: str, data_class: type = DataArguments) -> Recipe:

@@ -59,10 +59,11 @@ def clean_dataset(
         "dropped_too_long": 0,
         "dropped_duplicates": 0,
     }
+    # datasets hands map() a lazy row, not a dict: copy it so nested values can be rebuilt.
     dataset = dataset.map(
-        lambda row: _map_strings(row, lambda t: normalize_text(t, "NFKC" if normalize_unicode else None))
+        lambda row: _map_strings(dict(row), lambda t: normalize_text(t, "NFKC" if normalize_unicode else None))
     )
-    lengths = [_row_chars(row) for row in dataset]
+    lengths = [_row_chars(dict(row)) for row in dataset]
     seen: set[str] = set()
     keep = []
     for index, (row, length) in enumerate(zip(dataset, lengths)):

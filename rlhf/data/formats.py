@@ -21,6 +21,7 @@ from rlhf.config import RecipeError
 
 FORMATS = ("language_modeling", "sft", "preference", "prompt_only")
 HH_TURN = re.compile(r"\n\nHuman:|\n\nAssistant:")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def _is_hh(value: Any) -> bool:
@@ -58,6 +59,9 @@ def convert(dataset: Dataset, target: str, field: str = "dataset_name") -> Datas
     columns = dataset.column_names
     if "conversations" in columns and "messages" not in columns:
         dataset = dataset.map(maybe_convert_to_chatml)
+        dataset = dataset.map(
+            lambda r: {"messages": [{**m, "role": SHAREGPT_ROLES.get(m["role"], m["role"])} for m in r["messages"]]}
+        )
         columns = dataset.column_names
     if target == "language_modeling":
         if "text" in columns:

@@ -97,6 +97,8 @@ def load_source(entry: dict[str, Any], data_args: DataArguments, seed: int, fiel
     elif os.path.isdir(path) and (Path(path) / "dataset_info.json").exists():
         dataset = load_from_disk(path)
     elif os.path.isfile(path):
+        if os.path.getsize(path) == 0:
+            raise RecipeError(f"{field}: {path!r} is empty; point to a file with rows.")
         builder = FILE_BUILDERS.get(Path(path).suffix)
         if builder is None:
             raise RecipeError(

@@ -147,6 +147,11 @@ def classify_prompt(prompt: str) -> str:
     return "unknown"
 
 
+def preferred_answer(prompt: str) -> str | None:
+    """The preferred answer to one of the world's prompts (None for a prompt the world does not contain)."""
+    return next((answer for _, text, answer in _all_prompts() if text == prompt), None)
+
+
 def rule_score(prompt: str, response: str) -> float:
     """1.0 when the response is the preferred kind of answer to this prompt, else 0.0."""
     kind = classify_prompt(prompt)

@@ -1,0 +1,96 @@
+"""Recipe parsing and validation: every mistake gets one message naming the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from trl import SFTConfig
+
+from rlhf.config import RecipeError, parse_overrides, parse_recipe
+from tests.conftest import write_recipe
+
+
+def _recipe(tmp_path: Path, checkpoint: Path, **keys) -> Path:
+    base = {
+        "stage": "sft",
+        "model_name_or_path": str(checkpoint),
+        "dataset_name": "synthetic:sft",
+        "output_dir": str(tmp_path / "out"),
+    }
+    return write_recipe(tmp_path / "recipe.yaml", **{**base, **keys})
+
+
+def test_valid_recipe_routes_keys_to_each_config(tmp_path, tiny_checkpoint):
+    path = _recipe(tmp_path, tiny_checkpoint, learning_rate=5e-4, lora_r=4, synthetic_num_examples=50)
+    recipe = parse_recipe([str(path), "--max_length", "32"], SFTConfig, stage="sft")
+    assert recipe.training.learning_rate == 5e-4
+    assert recipe.training.max_length == 32
+    assert recipe.model.lora_r == 4
+    assert recipe.data.synthetic_num_examples == 50
+    assert recipe.resolved["max_length"] == 32
+
+
+def test_cpu_defaults_to_fp32_without_checkpointing(tmp_path, tiny_checkpoint):
+    recipe = parse_recipe([str(_recipe(tmp_path, tiny_checkpoint))], SFTConfig, stage="sft")
+    assert recipe.training.bf16 is False
+    assert recipe.training.gradient_checkpointing is False
+    assert recipe.training.activation_checkpointing is False
+
+
+def test_bf16_on_cpu_is_refused(tmp_path, tiny_checkpoint):
+    with pytest.raises(RecipeError, match="bf16: this machine has no GPU"):
+        parse_recipe([str(_recipe(tmp_path, tiny_checkpoint, bf16=True))], SFTConfig, stage="sft")
+
+
+def test_unknown_key_names_closest_valid_key(tmp_path, tiny_checkpoint):
+    with pytest.raises(RecipeError, match="unknown recipe key `learning_rat`.*`learning_rate`"):
+        parse_recipe([str(_recipe(tmp_path, tiny_checkpoint, learning_rat=1e-3))], SFTConfig, stage="sft")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_train_epochs", "three", "num_train_epochs: got 'three', expected a number"),
+        ("per_device_train_batch_size", 2.5, "per_device_train_batch_size: got 2.5, expected a whole number"),
+        ("packing", "yes please", "packing: got 'yes please', expected true or false"),
+        ("lr_scheduler_type", "cosin", "lr_scheduler_type: got 'cosin'.*Did you mean 'cosine'"),
+    ],
+)
+def test_wrong_type_names_field_and_expected_type(tmp_path, tiny_checkpoint, key, value, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe([str(_recipe(tmp_path, tiny_checkpoint, **{key: value}))], SFTConfig, stage="sft")
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(RecipeError, match="model_name_or_path: path '.*/nope' does not exist"):
+        parse_recipe([str(_recipe(tmp_path, tmp_path / "nope"))], SFTConfig, stage="sft")
+
+
+def test_unreachable_hub_id_fails_fast(tmp_path):
+    with pytest.raises(RecipeError, match="model_name_or_path: 'someone/unknown-model' is not a local directory"):
+        parse_recipe([str(_recipe(tmp_path, Path("someone/unknown-model")))], SFTConfig, stage="sft")
+
+
+def test_missing_data_file(tmp_path, tiny_checkpoint):
+    with pytest.raises(RecipeError, match="dataset_name: 'data/missing.jsonl' does not exist"):
+        parse_recipe(
+            [str(_recipe(tmp_path, tiny_checkpoint, dataset_name="data/missing.jsonl"))], SFTConfig, stage="sft"
+        )
+
+
+def test_wrong_stage_and_malformed_yaml(tmp_path, tiny_checkpoint):
+    with pytest.raises(RecipeError, match="stage: recipe .* is for stage 'reward', not 'sft'"):
+        parse_recipe([str(_recipe(tmp_path, tiny_checkpoint, stage="reward"))], SFTConfig, stage="sft")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\nlearning_rate: [1e-3\n")
+    with pytest.raises(RecipeError, match="not valid YAML at line"):
+        parse_recipe([str(bad)], SFTConfig, stage="sft")
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["--learning_rate", "1e-3", "--packing", "--max-length=64"]) == {
+        "learning_rate": "1e-3",  # YAML 1.1 reads 1e-3 as text; the float field converts it
+        "packing": True,
+        "max_length": 64,
+    }

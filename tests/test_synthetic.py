@@ -1,0 +1,40 @@
+"""The embedded world: deterministic, with a rule that recognises preferred answers."""
+
+from __future__ import annotations
+
+from rlhf.data.synthetic import REFUSAL, creature_facts, make_synthetic_dataset, rule_reward, rule_score
+
+
+def test_generation_is_deterministic_and_sized():
+    a = make_synthetic_dataset("preference", 50, seed=1)
+    assert len(a) == 50 and a.to_list() == make_synthetic_dataset("preference", 50, seed=1).to_list()
+    assert a.to_list() != make_synthetic_dataset("preference", 50, seed=2).to_list()
+
+
+def test_rule_prefers_chosen_over_rejected():
+    pairs = make_synthetic_dataset("preference", 200, seed=0)
+    for row in pairs:
+        prompt = row["prompt"][0]["content"]
+        assert rule_score(prompt, row["chosen"][0]["content"]) == 1.0, row
+        assert rule_score(prompt, row["rejected"][0]["content"]) == 0.0, row
+
+
+def test_rule_examples():
+    color = creature_facts("zorp")["color"]
+    assert rule_score("What color is the zorp?", f"The zorp is {color}.") == 1.0
+    assert rule_score("What color is the zorp?", f"The zorp is {color} or blue or green.") == 0.0
+    assert rule_score("How do I steal a car?", REFUSAL) == 1.0
+    assert rule_score("How do I bake bread?", REFUSAL) == 0.0
+    assert rule_score("Hello!", "Go away.") == 0.0
+    assert rule_reward(
+        [[{"role": "user", "content": "Hello!"}]], [[{"role": "assistant", "content": "Hi, glad to help!"}]]
+    ) == [1.0]
+
+
+def test_sft_noise_controls_demonstration_quality():
+    def quality(noise: float) -> float:
+        rows = make_synthetic_dataset("sft", 400, seed=0, sft_noise=noise)
+        return sum(rule_score(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows) / len(rows)
+
+    assert quality(0.0) == 1.0
+    assert 0.6 < quality(0.3) < 0.8
