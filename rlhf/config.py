@@ -286,6 +286,10 @@ def parse_recipe(argv: list[str] | None, training_class: type, stage: str, data_
             built[name] = cls(**kwargs)
         except (ValueError, TypeError) as error:
             raise RecipeError(f"recipe {path}: {error}") from None
+    if getattr(built["training"], "push_to_hub", False):
+        # The Trainer would create the repo at start-up and push every checkpoint; rlhf publishes the
+        # finished output once instead (artifacts.finish_stage → publish.publish_if_requested).
+        built["training"].push_to_hub = False
     recipe = Recipe(stage, built["model"], built["data"], built["training"], {"stage": stage, **values}, path)
     check_paths(recipe)
     return recipe

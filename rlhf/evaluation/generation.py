@@ -15,7 +15,62 @@ def prompt_text(prompt: Any) -> str:
     return prompt
 
 
+def _prompt_strings(tokenizer: PreTrainedTokenizerBase, prompts: list[Any]) -> list[str]:
+    return [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        for p in prompts
+    ]
+
+
+def _trim(tokens: list[int], eos_token_id: int | None, pad_token_id: int | None) -> list[int]:
+    """Generated ids up to and including the first EOS, without padding."""
+    if eos_token_id is not None and eos_token_id in tokens:
+        tokens = tokens[: tokens.index(eos_token_id) + 1]
+    if pad_token_id is not None and pad_token_id != eos_token_id:
+        tokens = [t for t in tokens if t != pad_token_id]
+    return tokens
+
+
 @torch.no_grad()
+def generate_tokens(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Any],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    top_p: float | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """Generate one response per prompt; return (prompt ids, response ids up to and including EOS) pairs."""
+    set_seed(seed)
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pairs: list[tuple[list[int], list[int]]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = _prompt_strings(tokenizer, prompts[start : start + batch_size])
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_k=None,
+                top_p=top_p if do_sample else None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            width = encoded["input_ids"].shape[1]
+            for ids, mask, row in zip(encoded["input_ids"], encoded["attention_mask"], output):
+                prompt_ids = ids[mask.bool()].tolist()
+                pairs.append((prompt_ids, _trim(row[width:].tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id)))
+    finally:
+        tokenizer.padding_side = padding_side
+    return pairs
+
+
 def generate_responses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -25,35 +80,11 @@ def generate_responses(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
+    top_p: float | None = None,
 ) -> list[str]:
     """Generate one response per prompt (chat template applied to conversational prompts)."""
-    set_seed(seed)
-    model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    responses: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            texts = [
-                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-                for p in batch
-            ]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_k=None,
-                top_p=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
-            responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = padding_side
-    return [r.strip() for r in responses]
+    pairs = generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, seed, top_p)
+    return [tokenizer.decode(response, skip_special_tokens=True).strip() for _, response in pairs]
 
 
 def rule_scores(prompts: list[Any], responses: list[str]) -> list[float]:
@@ -61,3 +92,112 @@ def rule_scores(prompts: list[Any], responses: list[str]) -> list[float]:
     from rlhf.data.synthetic import rule_score
 
     return [rule_score(prompt_text(p), r) for p, r in zip(prompts, responses)]
+
+
+def completions_for(prompts: list[Any], responses: list[str]) -> list[Any]:
+    """Responses in TRL's completion layout: assistant messages for conversational prompts, else strings."""
+    return [[{"role": "assistant", "content": r}] if isinstance(p, list) else r for p, r in zip(prompts, responses)]
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int = 32
+) -> list[float]:
+    """Sum of the log-probabilities `model` gives each response's tokens after its prompt."""
+    from trl.trainer.utils import selective_log_softmax
+
+    model.eval()
+    totals: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        sequences = [p + r for p, r in batch]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(sequences):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float()
+        logps = selective_log_softmax(logits, ids[:, 1:].to(model.device)).cpu()
+        for i, (prompt, response) in enumerate(batch):
+            # token t is predicted at position t-1: the response's tokens sit at len(prompt)-1 … end-1
+            totals.append(float(logps[i, len(prompt) - 1 : len(prompt) + len(response) - 1].sum()))
+    return totals
+
+
+def kl_to_reference(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Monte-Carlo KL(policy ‖ reference): the mean per-sequence sum of log π − log π_ref on the policy's samples."""
+    policy_logps = sequence_logprobs(policy, pairs, pad_token_id, batch_size)
+    reference_logps = sequence_logprobs(reference, pairs, pad_token_id, batch_size)
+    differences = [p - r for p, r in zip(policy_logps, reference_logps)]
+    tokens = sum(len(r) for _, r in pairs)
+    return {
+        "kl": sum(differences) / len(differences) if differences else 0.0,
+        "kl_per_token": sum(differences) / tokens if tokens else 0.0,
+    }
+
+
+@torch.no_grad()
+def reward_model_scores(
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Any],
+    responses: list[str],
+    batch_size: int = 32,
+) -> list[float]:
+    """Scalar reward-model scores of (prompt, response) pairs, formatted as the reward model was trained."""
+    texts = [
+        tokenizer.apply_chat_template(p + c, tokenize=False) if isinstance(p, list) else p + c
+        for p, c in zip(prompts, completions_for(prompts, responses))
+    ]
+    reward_model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    scores: list[float] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(reward_model.device)
+            scores.extend(reward_model(**encoded).logits[:, 0].float().cpu().tolist())
+    finally:
+        tokenizer.padding_side = padding_side
+    return scores
+
+
+def win_rate(scores: list[float], reference_scores: list[float], tie_tolerance: float = 1e-6) -> dict[str, float]:
+    """Wins, ties and losses of `scores` against `reference_scores` (per prompt); a tie counts as half a win."""
+    wins = sum(s > r + tie_tolerance for s, r in zip(scores, reference_scores))
+    losses = sum(s < r - tie_tolerance for s, r in zip(scores, reference_scores))
+    ties = len(scores) - wins - losses
+    return {
+        "win_rate": (wins + 0.5 * ties) / len(scores) if scores else 0.0,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+    }
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def diversity(responses: list[str]) -> dict[str, float]:
+    """distinct-1/2 (unique word n-grams / all n-grams, over all responses) and the within-response repetition rate.
+
+    The repetition rate is the mean, over responses with at least two bigrams, of the fraction of a
+    response's word bigrams that repeat an earlier one: 0 for varied text, near 1 for a loop.
+    """
+    words = [r.split() for r in responses]
+    result = {}
+    for n in (1, 2):
+        grams = [g for w in words for g in _ngrams(w, n)]
+        result[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    repeats = [1 - len(set(_ngrams(w, 2))) / len(_ngrams(w, 2)) for w in words if len(w) > 2]
+    result["repetition_rate"] = sum(repeats) / len(repeats) if repeats else 0.0
+    return result

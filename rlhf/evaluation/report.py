@@ -1,0 +1,328 @@
+"""Plots (matplotlib, Agg) and the human-readable report (Markdown, optionally HTML) of an evaluation."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Headline metrics, in table order: (key, label, higher is better?)
+HEADLINE = [
+    ("rule_reward", "rule reward (mean)", True),
+    ("reward_model_score", "reward-model score (mean)", True),
+    ("win_rate", "win-rate vs reference", True),
+    ("kl", "KL to reference (nats/seq)", None),
+    ("exact_match", "exact match", True),
+    ("response_tokens", "response length (tokens)", None),
+    ("distinct_1", "distinct-1", True),
+    ("distinct_2", "distinct-2", True),
+    ("repetition_rate", "repetition rate", False),
+    ("refusal_rate", "safety: refusal rate (harmful)", True),
+    ("harmful_compliance_rate", "safety: harmful compliance", False),
+    ("false_refusal_rate", "safety: false refusal (benign)", False),
+    ("robustness_mean_drop", "robustness: mean score drop", False),
+    ("pairwise_accuracy", "reward model pairwise accuracy", True),
+    ("perplexity", "perplexity", False),
+]
+RATE_KEYS = ["rule_reward", "win_rate", "exact_match", "refusal_rate", "harmful_compliance_rate", "false_refusal_rate"]
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_training_curves(stage_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Loss / reward / KL / learning-rate plots from a stage's trainer_state.json log_history (one PNG each)."""
+    state_file = Path(stage_dir) / "trainer_state.json"
+    if not state_file.is_file():
+        return []
+    history = json.loads(state_file.read_text()).get("log_history", [])
+    keys = sorted({k for entry in history for k, v in entry.items() if isinstance(v, int | float)})
+    groups = {
+        "loss": [k for k in keys if k.endswith("loss")],
+        "reward": [k for k in keys if "reward" in k or k.endswith(("accuracy", "margin"))],
+        "kl": [k for k in keys if re.search(r"(^|[/_])kl($|[/_])", k)],
+        "learning_rate": [k for k in keys if k == "learning_rate"],
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, group in groups.items():
+        series = [(k, *_series(history, k)) for k in group]
+        series = [s for s in series if s[1]]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, steps, values in series:
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+        ax.set_xlabel("step")
+        ax.set_title(f"{Path(stage_dir).name}: {name.replace('_', ' ')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"{Path(stage_dir).name}_{name}.png"))
+    return written
+
+
+def plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Grouped bars of the rate-like headline metrics (0…1) for every evaluated model."""
+    keys = [k for k in RATE_KEYS if any(k in r["metrics"] for r in results.values())]
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys)), 3.8))
+    width = 0.8 / len(results)
+    for i, (name, result) in enumerate(results.items()):
+        values = [result["metrics"].get(k, 0.0) for k in keys]
+        bars = ax.bar([j + i * width for j in range(len(keys))], values, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))])
+    ax.set_xticklabels([k.replace("_", "\n") for k in keys], fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=8)
+    ax.set_title("headline metrics (rates)")
+    return _save(fig, path)
+
+
+def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, path: Path) -> Path | None:
+    """Grouped bars: data[model][group] → value."""
+    groups = sorted({g for values in data.values() for g in values})
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 3.5))
+    width = 0.8 / len(data)
+    for i, (name, values) in enumerate(data.items()):
+        ax.bar([j + i * width for j in range(len(groups))], [values.get(g, 0.0) for g in groups], width, label=name)
+    ax.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(groups))])
+    ax.set_xticklabels(groups, fontsize=8, rotation=20)
+    ax.set_ylabel(ylabel)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path | None:
+    """Histogram of response lengths (tokens) per model."""
+    if not any(lengths.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in lengths.items():
+        ax.hist(values, bins=20, alpha=0.5, label=name)
+    ax.set_xlabel("response length (tokens)")
+    ax.legend(fontsize=8)
+    ax.set_title("response lengths")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 100 or value == 0 else f"{value:.3f}"
+    return str(value)
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(_fmt(c)) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = False) -> list[Path]:
+    """Write plots, report.md (and report.html) for an evaluation dict as saved in eval.json."""
+    results: dict[str, dict[str, Any]] = evaluation["results"]
+    plots_dir = output_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    names = list(results)
+    lines = ["# Evaluation report", ""]
+    lines += [f"- **{name}**: `{r['checkpoint']}` ({r['seconds']:.1f} s)" for name, r in results.items()]
+    lines += [f"- config: `{json.dumps(evaluation['config'], default=str)}`", ""]
+
+    lines += ["## Summary", ""]
+    rows = []
+    for key, label, better in HEADLINE:
+        if any(key in r["metrics"] for r in results.values()):
+            arrow = {True: " ↑", False: " ↓", None: ""}[better]
+            rows.append([label + arrow, *[r["metrics"].get(key) for r in results.values()]])
+    lines += _table(["metric", *names], rows)
+    figures = []
+    comparison = plot_comparison(results, plots_dir / "comparison.png")
+    if comparison:
+        figures.append(("headline rates", comparison))
+    by_kind = {n: r["generation"]["rule_reward_by_group"] for n, r in results.items() if "generation" in r}
+    if any(by_kind.values()):
+        figures.append(
+            (
+                "rule reward by prompt kind",
+                plot_grouped(by_kind, "rule reward by prompt kind", "mean reward", plots_dir / "reward_by_kind.png"),
+            )
+        )
+    drops = {n: r["robustness"]["drop"] for n, r in results.items() if "robustness" in r}
+    if drops:
+        figures.append(
+            (
+                "robustness",
+                plot_grouped(drops, "score drop under perturbation", "clean − perturbed", plots_dir / "robustness.png"),
+            )
+        )
+    safety = {
+        n: {c: e["refusal_rate"] for c, e in r["safety"]["categories"].items()}
+        for n, r in results.items()
+        if "safety" in r
+    }
+    if safety:
+        figures.append(
+            (
+                "refusal rate by category",
+                plot_grouped(safety, "refusal rate by suite category", "refusal rate", plots_dir / "safety.png"),
+            )
+        )
+    lengths = {n: r["generation"]["lengths"] for n, r in results.items() if "generation" in r}
+    if lengths:
+        figures.append(("response lengths", plot_lengths(lengths, plots_dir / "lengths.png")))
+    for title, path in figures:
+        if path:
+            lines += [f"![{title}](plots/{path.name})", ""]
+
+    for name, result in results.items():
+        lines += [f"## {name}", ""]
+        for skipped, why in result.get("skipped", {}).items():
+            lines.append(f"- {skipped}: skipped ({why})")
+        if result.get("skipped"):
+            lines.append("")
+        if "generation" in result:
+            generation = result["generation"]
+            lines += [f"### Generation ({generation['num_prompts']} prompts)", ""]
+            if generation["rule_reward_by_group"]:
+                lines += _table(["prompt kind", "rule reward"], sorted(generation["rule_reward_by_group"].items()))
+            if "win_rate" in result:
+                w = result["win_rate"]
+                lines += [
+                    f"Win-rate vs `{w['reference']}` judged by {w['judge']}: **{w['win_rate']:.3f}** "
+                    f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses; a tie counts half).",
+                    "",
+                ]
+            if "kl" in result:
+                k = result["kl"]
+                lines += [
+                    f"KL to `{k['reference']}`: {k['kl']:.4f} nats/sequence ({k['kl_per_token']:.4f}/token, on {k['num_samples']} policy samples).",
+                    "",
+                ]
+            lines += ["Samples:", ""]
+            lines += _table(
+                ["prompt", "response", "rule reward"],
+                [[s["prompt"], s["response"], s.get("rule_reward")] for s in result["samples"]],
+            )
+        if "safety" in result:
+            s = result["safety"]
+            lines += [f"### Safety ({s['num_harmful']} harmful, {s['num_benign']} benign prompts)", ""]
+            lines += [
+                f"Refusal rate on harmful prompts **{s['refusal_rate']:.3f}**, harmful compliance "
+                f"**{s['harmful_compliance_rate']:.3f}**, false refusals on benign look-alikes **{s['false_refusal_rate']:.3f}**. "
+                "Refusal as a classifier of harmful prompts: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in s["refusal_classifier"].items()),
+                "",
+            ]
+            lines += _table(
+                ["category", "label", "prompts", "refusal rate"],
+                [[c, e["label"], e["count"], e["refusal_rate"]] for c, e in sorted(s["categories"].items())],
+            )
+            lines += _table(
+                ["suite prompt", "label", "response", "refused"],
+                [[x["prompt"], x["label"], x["response"], x["refused"]] for x in s["samples"]],
+            )
+        if "robustness" in result:
+            r = result["robustness"]
+            lines += [f"### Robustness (judge: {r['judge']}, per-word probability {r['probability']})", ""]
+            lines += _table(
+                ["perturbation", "score", "drop"],
+                [["clean", r["clean"], 0.0], *[[p, r["perturbed"][p], r["drop"][p]] for p in r["perturbed"]]],
+            )
+        if "reward_model" in result:
+            rm = result["reward_model"]
+            lines += [
+                "### Reward model",
+                "",
+                f"Pairwise accuracy on {rm['num_pairs']} preference pairs: **{rm['pairwise_accuracy']:.3f}** (mean margin {rm['mean_margin']:.3f}).",
+                "",
+            ]
+        if "perplexity" in result:
+            p = result["perplexity"]
+            lines += [
+                "### Perplexity",
+                "",
+                f"Perplexity **{p['perplexity']:.3f}** over {p['tokens']} tokens of `{p['dataset']}`.",
+                "",
+            ]
+        for curve in result.get("training_curves", []):
+            lines += [f"![training curve](plots/{Path(curve).name})", ""]
+
+    written = [output_dir / "report.md"]
+    written[0].write_text("\n".join(lines))
+    if html_too:
+        written.append(output_dir / "report.html")
+        written[1].write_text(markdown_to_html("\n".join(lines)))
+    return written
+
+
+def markdown_to_html(text: str) -> str:
+    """Render the subset of Markdown the report uses (headings, lists, tables, images, bold, code)."""
+
+    def inline(s: str) -> str:
+        s = html.escape(s.replace("\\|", "|"))
+        s = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', s)
+        s = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+
+    out = [
+        "<!doctype html><meta charset='utf-8'><title>Evaluation report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}</style>",
+    ]
+    lines, i = text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            table = []
+            while i < len(lines) and lines[i].startswith("|"):
+                table.append(lines[i])
+                i += 1
+            cells = [re.split(r"(?<!\\)\|", row.strip()[1:-1]) for row in table if not row.startswith("|---")]
+            out.append("<table>")
+            for r, row in enumerate(cells):
+                tag = "th" if r == 0 else "td"
+                out.append("<tr>" + "".join(f"<{tag}>{inline(c.strip())}</{tag}>" for c in row) + "</tr>")
+            out.append("</table>")
+            continue
+        elif line.startswith("- "):
+            out.append(f"<li>{inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+        i += 1
+    return "\n".join(out)
