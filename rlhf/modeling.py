@@ -172,6 +172,20 @@ def align_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     model.config.eos_token_id = tokenizer.eos_token_id
 
 
+def merge_adapters(trainer) -> bool:
+    """Fold a trainer's LoRA/DoRA adapters (and modules_to_save heads) into the base weights before saving.
+
+    The stage output then loads with a plain `from_pretrained`, as downstream stages expect.
+    Returns whether anything was merged.
+    """
+    from peft import PeftModel
+
+    if not isinstance(trainer.model, PeftModel):
+        return False
+    trainer.model = trainer.model.merge_and_unload()
+    return True
+
+
 def train_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the embedded world's corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

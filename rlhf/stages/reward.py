@@ -1,0 +1,184 @@
+"""Reward modeling with TRL's RewardTrainer: a scalar score head on the SFT model (or any encoder).
+
+rlhf train recipes/tiny/reward.yaml
+accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.reward recipes/tiny/reward.yaml
+
+The base is loaded with AutoModelForSequenceClassification (num_labels=1): a causal LM gets a new
+`score` head (e.g. LlamaForSequenceClassification), a BERT-style encoder its classifier. With
+`use_peft: true` the LoRA adapters are trained together with the full score head, and merged into
+the base on save, so the output loads as a plain AutoModelForSequenceClassification checkpoint.
+
+metrics.json holds, beside TRL's eval metrics, the held-out pairwise `accuracy` and `margin`
+(mean chosen − rejected score, computed over every held-out pair) and `reward_stats` (mean/std of
+the scores over a sample of the training responses), which PPO uses to normalise rewards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl import RewardConfig, RewardTrainer, get_peft_config
+from trl.trainer.utils import pad
+
+from rlhf.artifacts import METRICS_FILE, finish_stage, read_metrics, start_stage
+from rlhf.callbacks import regularization_callbacks
+from rlhf.config import RecipeError, parse_recipe
+from rlhf.data import prepare_datasets
+from rlhf.modeling import load_sequence_classifier, load_tokenizer, merge_adapters
+
+
+@dataclass
+class RewardStageConfig(RewardConfig):
+    """RewardConfig plus how many training pairs the reward statistics are computed on."""
+
+    reward_stats_samples: int = 512
+
+
+@torch.no_grad()
+def score_token_ids(
+    model: PreTrainedModel, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32
+) -> torch.Tensor:
+    """The reward model's scalar score of each tokenized sequence (right-padded, as in training)."""
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        batch = [torch.tensor(ids) for ids in sequences[start : start + batch_size]]
+        input_ids = pad(batch, padding_value=pad_token_id).to(model.device)
+        attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0).to(model.device)
+        scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+def reward_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Any],
+    responses: list[str],
+    batch_size: int = 32,
+) -> list[float]:
+    """Score (prompt, response) pairs the way RewardTrainer and GRPOTrainer feed a reward model.
+
+    Conversational prompts are rendered with the chat template (prompt + assistant turn); plain
+    text prompts are concatenated with the response and the EOS token.
+    """
+    sequences = []
+    for prompt, response in zip(prompts, responses):
+        if isinstance(prompt, list):
+            messages = [*prompt, {"role": "assistant", "content": response}]
+            sequences.append(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        else:
+            sequences.append(tokenizer(prompt + response + tokenizer.eos_token)["input_ids"])
+    return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size).tolist()
+
+
+def pairwise_metrics(model: PreTrainedModel, dataset: Dataset, pad_token_id: int, batch_size: int = 32) -> dict:
+    """Exact pairwise accuracy and mean margin (chosen − rejected) over a tokenized preference dataset."""
+    chosen = score_token_ids(model, dataset["chosen_ids"], pad_token_id, batch_size)
+    rejected = score_token_ids(model, dataset["rejected_ids"], pad_token_id, batch_size)
+    return {
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "margin": (chosen - rejected).mean().item(),
+        "num_pairs": len(chosen),
+    }
+
+
+def reward_statistics(model: PreTrainedModel, dataset: Dataset, pad_token_id: int, num_samples: int) -> dict:
+    """Mean and std of the scores of chosen and rejected responses over a sample of training pairs."""
+    sample = dataset.select(range(min(num_samples, len(dataset))))
+    scores = torch.cat(
+        [
+            score_token_ids(model, sample["chosen_ids"], pad_token_id),
+            score_token_ids(model, sample["rejected_ids"], pad_token_id),
+        ]
+    )
+    return {"mean": scores.mean().item(), "std": scores.std().item(), "num_scores": len(scores)}
+
+
+def check_reward_quality(reward_model_path: str, min_accuracy: float) -> float:
+    """Refuse a reward model whose held-out pairwise accuracy is below `min_accuracy`; return the accuracy.
+
+    Reads the metrics.json the reward stage wrote. A `min_accuracy` of 0 or less disables the check
+    (and returns NaN when the model has no recorded accuracy, e.g. a Hub reward model).
+    """
+    metrics_path = os.path.join(reward_model_path, METRICS_FILE)
+    accuracy = read_metrics(reward_model_path).get("accuracy") if os.path.isfile(metrics_path) else None
+    if min_accuracy <= 0:
+        return float("nan") if accuracy is None else float(accuracy)
+    if accuracy is None:
+        raise RecipeError(
+            f"reward_min_accuracy: {reward_model_path!r} has no held-out accuracy in {METRICS_FILE} (it was not "
+            "written by the reward stage with an eval set); train it with `rlhf train <reward recipe>`, or set "
+            "`reward_min_accuracy: 0` to use it unchecked."
+        )
+    if math.isnan(accuracy) or accuracy < min_accuracy:
+        raise RecipeError(
+            f"reward model accuracy {accuracy:.2f} < min {min_accuracy:.2f} (held-out pairwise accuracy of "
+            f"{reward_model_path}); a policy trained on it would learn its mistakes. Retrain it (more steps or data, "
+            "another learning rate) or lower `reward_min_accuracy`."
+        )
+    return float(accuracy)
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe = parse_recipe(argv, RewardStageConfig, stage="reward")
+    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+    if model_args.use_peft and model_args.lora_task_type == "CAUSAL_LM":
+        # SEQ_CLS makes PEFT train and save the whole score head (modules_to_save) beside the adapters.
+        model_args.lora_task_type = "SEQ_CLS"
+
+    train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "preference", training_args.seed)
+
+    tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    model = load_sequence_classifier(model_args, tokenizer, num_labels=1, trust_remote_code=recipe.trust_remote_code)
+
+    final_dir, resume_from = start_stage(training_args)
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=regularization_callbacks(model_args),
+    )
+    pad_id = tokenizer.pad_token_id
+
+    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_dataset is not None else {}
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    eval_after = trainer.evaluate() if eval_dataset is not None else {}
+    held_out = pairwise_metrics(trainer.model, trainer.eval_dataset, pad_id) if eval_dataset is not None else {}
+    train_pairs = pairwise_metrics(
+        trainer.model, trainer.train_dataset.select(range(min(512, len(trainer.train_dataset)))), pad_id
+    )
+    stats = reward_statistics(trainer.model, trainer.train_dataset, pad_id, training_args.reward_stats_samples)
+    merge_adapters(trainer)
+    finish_stage(
+        trainer,
+        recipe,
+        {
+            "accuracy": held_out.get("accuracy"),
+            "margin": held_out.get("margin"),
+            "eval_pairs": held_out.get("num_pairs", 0),
+            "train_accuracy": train_pairs["accuracy"],
+            "reward_stats": stats,
+            "train": train_result.metrics,
+            "eval_before": eval_before,
+            "eval": eval_after,
+            "data": data_report,
+        },
+        final_dir,
+    )
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run
+
+    run(main)
