@@ -50,7 +50,7 @@ def _missing(columns: list[str], target: str, field: str) -> RecipeError:
     }[target]
     return RecipeError(
         f"{field}: columns {columns} do not fit this stage, which needs {needs}; "
-        "rename them with `dataset_rename_columns: {{old: new}}` (or `rename_columns` in a mixture entry)."
+        "rename them with `dataset_rename_columns: {old: new}` (or `rename_columns` in a mixture entry)."
     )
 
 

@@ -54,7 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     finish_stage(
         trainer,
         recipe,
-        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
+        {
+            "train": train_result.metrics,
+            "eval_before": eval_before,
+            "eval": eval_after,
+            "data": data_report,
+            "resumed_from": resume_from,
+        },
         final_dir,
     )
 

@@ -20,7 +20,11 @@ def check_stop_token_in_loss(trainer: SFTTrainer, num_rows: int = 8) -> None:
     eos = trainer.processing_class.eos_token_id
     rows = trainer.train_dataset.select(range(min(num_rows, len(trainer.train_dataset))))
     for row in rows:
-        mask = row.get("assistant_masks") or row.get("completion_mask") or [1] * len(row["input_ids"])
+        # TRL 1.16 turns assistant/completion masks into labels (-100 = no loss); older layouts keep the masks.
+        if "labels" in row:
+            mask = [label != -100 for label in row["labels"]]
+        else:
+            mask = row.get("assistant_masks") or row.get("completion_mask") or [1] * len(row["input_ids"])
         if any(token == eos and m for token, m in zip(row["input_ids"], mask)):
             return
     raise RecipeError(
@@ -58,7 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     finish_stage(
         trainer,
         recipe,
-        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
+        {
+            "train": train_result.metrics,
+            "eval_before": eval_before,
+            "eval": eval_after,
+            "data": data_report,
+            "resumed_from": resume_from,
+        },
         final_dir,
     )
 

@@ -1,0 +1,62 @@
+"""A killed stage never leaves a finished-looking output, and a rerun resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rlhf.artifacts import atomic_output_dir, incomplete_dir, read_metrics
+from tests.conftest import FAST_TRAINING, write_recipe
+
+
+def test_atomic_output_dir_publishes_only_on_success(tmp_path):
+    target = tmp_path / "out"
+    try:
+        with atomic_output_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert not target.exists()
+    with atomic_output_dir(target) as tmp:
+        (tmp / "done.txt").write_text("done")
+    assert (target / "done.txt").exists() and not incomplete_dir(target).exists()
+
+
+def test_killed_sft_leaves_no_output_and_rerun_resumes(tiny_checkpoint, tmp_path):
+    out = tmp_path / "sft"
+    recipe = write_recipe(
+        tmp_path / "sft.yaml",
+        stage="sft",
+        model_name_or_path=str(tiny_checkpoint),
+        dataset_name="synthetic:sft",
+        synthetic_num_examples=200,
+        max_length=64,
+        max_steps=400,
+        output_dir=str(out),
+        **{**FAST_TRAINING, "save_strategy": "steps", "save_steps": 5},
+    )
+    command = [sys.executable, "-m", "rlhf.stages.sft", str(recipe)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint_dir = incomplete_dir(out)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(checkpoint_dir.glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, "the stage ended before it could be killed"
+        time.sleep(0.5)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists(), "a killed run must not leave a finished-looking output"
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints
+
+    # Rerun with the same command, shortened: it must pick up the last checkpoint, not start over.
+    subprocess.run([*command, "--max_steps", str(int(checkpoints[-1].name.split("-")[1]) + 5)], env=env, check=True)
+    metrics = read_metrics(out)
+    assert metrics["resumed_from"] and Path(metrics["resumed_from"]).name.startswith("checkpoint-")
+    assert not checkpoint_dir.exists()

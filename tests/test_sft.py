@@ -1,0 +1,77 @@
+"""SFT and pretraining stages: real short runs whose eval loss falls, plus their safety checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.artifacts import read_metrics
+from rlhf.config import RecipeError
+from rlhf.stages import pretrain, sft
+from tests.conftest import FAST_TRAINING, write_recipe
+
+
+def test_sft_eval_loss_falls_and_output_is_complete(tiny_sft_checkpoint):
+    metrics = read_metrics(tiny_sft_checkpoint)
+    assert metrics["eval"]["eval_loss"] < metrics["eval_before"]["eval_before_loss"] - 1.0
+    assert metrics["data"]["train_rows"] > 0
+    names = {p.name for p in tiny_sft_checkpoint.iterdir()}
+    assert {
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "recipe.yaml",
+        "trainer_state.json",
+    } <= names
+    assert not any(n.startswith("checkpoint-") or n.endswith(".bin") for n in names)
+    assert not tiny_sft_checkpoint.with_name("sft.incomplete").exists()
+    AutoModelForCausalLM.from_pretrained(tiny_sft_checkpoint)
+    AutoTokenizer.from_pretrained(tiny_sft_checkpoint)
+
+
+def test_pretrain_from_scratch_with_packing(tiny_checkpoint, tmp_path):
+    out = tmp_path / "pretrain"
+    recipe = write_recipe(
+        tmp_path / "pretrain.yaml",
+        stage="pretrain",
+        model_name_or_path=str(tiny_checkpoint),
+        from_scratch=True,
+        dataset_name="synthetic:pretrain",
+        synthetic_num_examples=800,
+        max_length=64,
+        num_train_epochs=3,
+        learning_rate=3e-3,
+        output_dir=str(out),
+        **FAST_TRAINING,
+    )
+    pretrain.main([str(recipe)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["eval_loss"] < metrics["eval_before"]["eval_before_loss"] - 1.0
+    assert metrics["data"]["cleaning"]["dropped_duplicates"] > 0
+
+
+def test_stop_token_outside_loss_mask_is_refused(tiny_checkpoint, tmp_path):
+    # A template whose generation block ends before <|im_end|>: the model would never learn to stop.
+    template = tmp_path / "template.jinja"
+    template.write_text(
+        "{%- for m in messages %}{%- if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}<|im_end|>\n"
+        "{%- else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    )
+    recipe = write_recipe(
+        tmp_path / "sft.yaml",
+        stage="sft",
+        model_name_or_path=str(tiny_checkpoint),
+        dataset_name="synthetic:sft",
+        synthetic_num_examples=40,
+        assistant_only_loss=True,
+        chat_template_path=str(template),
+        max_steps=1,
+        output_dir=str(tmp_path / "out"),
+        **FAST_TRAINING,
+    )
+    with pytest.raises(RecipeError, match="EOS token '<\\|im_end\\|>' never falls inside the loss mask"):
+        sft.main([str(recipe)])
+    assert not (tmp_path / "out").exists()
