@@ -7,6 +7,7 @@ alignment-handbook read them. Everything is validated before any model or datase
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -14,6 +15,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,29 @@ STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo", "distill")
 
 class RecipeError(ValueError):
     """A mistake in a recipe, its data or its paths: the message names the field and the fix."""
+
+
+class ValidationDone(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by parse_recipe inside `validate_only()`: the recipe is valid and nothing was loaded."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe.stage)
+        self.recipe = recipe
+
+
+# Paths that a pipeline will produce before the stage runs: pre-flight must not call them missing.
+_pending_paths: set[str] | None = None
+
+
+@contextlib.contextmanager
+def validate_only(pending_paths: set[str]) -> Iterator[None]:
+    """Within this block a stage's main() stops right after its recipe is validated (pipeline pre-flight)."""
+    global _pending_paths
+    _pending_paths = {str(Path(p)) for p in pending_paths}
+    try:
+        yield
+    finally:
+        _pending_paths = None
 
 
 @dataclass
@@ -292,6 +317,8 @@ def parse_recipe(argv: list[str] | None, training_class: type, stage: str, data_
         built["training"].push_to_hub = False
     recipe = Recipe(stage, built["model"], built["data"], built["training"], {"stage": stage, **values}, path)
     check_paths(recipe)
+    if _pending_paths is not None:
+        raise ValidationDone(recipe)
     return recipe
 
 
@@ -300,7 +327,8 @@ def check_paths(recipe: Recipe) -> None:
     from rlhf.data.load import check_data_sources
     from rlhf.modeling import check_model_source
 
-    check_model_source(recipe.model.model_name_or_path)
+    if _pending_paths is None or str(Path(recipe.model.model_name_or_path)) not in _pending_paths:
+        check_model_source(recipe.model.model_name_or_path)
     check_data_sources(recipe.data)
     template = getattr(recipe.training, "chat_template_path", None)
     if template and not Path(template).exists() and template.startswith((".", "/")):
