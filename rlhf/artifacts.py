@@ -84,8 +84,12 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
         (tmp / "training_args.bin").unlink(missing_ok=True)
         write_json(tmp / METRICS_FILE, {"stage": recipe.stage, **metrics})
         with open(tmp / RECIPE_FILE, "w") as handle:
-            yaml.safe_dump(recipe.resolved, handle, sort_keys=False)
+            # A token must never land in a file that gets uploaded.
+            yaml.safe_dump({k: v for k, v in recipe.resolved.items() if k != "hub_token"}, handle, sort_keys=False)
         publish_dir(tmp, final)
+        from rlhf.publish import publish_if_requested
+
+        publish_if_requested(final, trainer.args)  # push_to_hub: upload the finished output once
     trainer.accelerator.wait_for_everyone()
     return final
 

@@ -1,0 +1,351 @@
+"""Write a model card for an output directory and push it to the Hugging Face Hub.
+
+rlhf publish outputs/tiny/sft --repo-id me/tiny-sft --dry-run   # writes README.md, lists files, no network
+rlhf publish outputs/tiny/sft --repo-id me/tiny-sft --private   # token from --token, HF_TOKEN or `hf auth login`
+
+A stage whose recipe sets `push_to_hub: true` (with `hub_model_id`, optionally `hub_private_repo`,
+`hub_token`) publishes its finished output directory the same way, once, from
+rlhf.artifacts.finish_stage. The Trainer's own pushing (repo creation at start-up, a push per
+checkpoint) is switched off by rlhf.config.parse_recipe, so nothing half-trained reaches the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.config import RecipeError
+
+# Training leftovers and pickles never leave the machine; everything else in the folder is uploaded.
+IGNORE_PATTERNS = [
+    "checkpoint-*/*",
+    "*.incomplete/*",
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state*.pth",
+    "*.pt",
+    "*.pth",
+    "*.pkl",
+    "*.tmp",
+]
+SECRET_KEYS = ("hub_token",)
+FRAMEWORKS = ("rlhf", "transformers", "trl", "peft", "accelerate", "datasets", "torch", "huggingface_hub", "tokenizers")
+
+
+def read_recipe(output_dir: str | Path) -> dict[str, Any]:
+    """The resolved recipe.yaml a stage wrote into its output directory ({} when there is none)."""
+    path = Path(output_dir) / "recipe.yaml"
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _is_hub_id(name: str | None) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or ":" in name:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def lineage(output_dir: str | Path, max_depth: int = 20) -> list[dict[str, Any]]:
+    """The chain of checkpoints behind an output: each stage's recipe names its parent, ending at a base.
+
+    A parent that is not a local directory but looks like `user/name` is taken to be a Hub id.
+    """
+    chain: list[dict[str, Any]] = []
+    current: str | None = str(output_dir)
+    while current and len(chain) < max_depth:
+        path = Path(current)
+        link = {"path": current, "stage": None, "hub_id": None if path.exists() else current}
+        if link["hub_id"] and not _is_hub_id(current):
+            link["hub_id"] = None
+        chain.append(link)
+        if not path.is_dir():
+            break
+        recipe = read_recipe(path)
+        link["stage"] = recipe.get("stage")
+        parent = recipe.get("model_name_or_path")
+        if not parent and (path / "adapter_config.json").is_file():
+            parent = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not parent or any(parent == seen["path"] for seen in chain):
+            break
+        current = parent
+    return chain
+
+
+def _datasets(recipe: dict[str, Any]) -> list[str]:
+    names = [recipe.get("dataset_name"), recipe.get("eval_dataset_name")]
+    names += [entry.get("path") for entry in recipe.get("dataset_mixture") or [] if isinstance(entry, dict)]
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def find_eval(output_dir: str | Path) -> tuple[dict[str, float], str | None, Path | None]:
+    """Headline metrics of the output from an eval.json (`rlhf eval` layout or a flat {metric: value})."""
+    output_dir = Path(output_dir)
+    for path in (output_dir / "eval.json", output_dir / "eval" / "eval.json"):
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        dataset = None
+        if isinstance(data.get("results"), dict) and data["results"]:
+            results = data["results"]
+            # Several checkpoints may be compared in one eval: prefer the one that is this directory.
+            result = next(
+                (r for r in results.values() if Path(str(r.get("checkpoint", ""))).resolve() == output_dir.resolve()),
+                next(iter(results.values())),
+            )
+            metrics = result.get("metrics", {})
+            dataset = (data.get("config") or {}).get("prompts_dataset")
+        else:
+            metrics = data.get("metrics", data)
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return numbers, dataset, path
+    return {}, None, None
+
+
+def training_plots(output_dir: str | Path) -> list[Path]:
+    """PNG plots in the directory (training curves drawn from trainer_state.json if there are none yet)."""
+    output_dir = Path(output_dir)
+    pngs = sorted(p for p in output_dir.rglob("*.png") if ".incomplete" not in str(p))
+    if not pngs and (output_dir / "trainer_state.json").is_file():
+        try:
+            from rlhf.evaluation.report import plot_training_curves
+        except ImportError:  # the evaluation extras (matplotlib) are optional for publishing
+            return []
+        pngs = plot_training_curves(output_dir, output_dir / "plots")
+    return pngs
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in FRAMEWORKS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _redacted(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("<redacted>" if k in SECRET_KEYS and v else v) for k, v in recipe.items()}
+
+
+def build_model_card(output_dir: str | Path, repo_id: str, license: str | None = None) -> Any:
+    """A huggingface_hub ModelCard: metadata (base model, datasets, tags, model-index) plus recipe, evals, plots."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    recipe = read_recipe(output_dir)
+    stage = recipe.get("stage")
+    chain = lineage(output_dir)
+    base_model = next((link["hub_id"] for link in chain[1:] if link["hub_id"]), None)
+    datasets = _datasets(recipe)
+    is_adapter = (output_dir / "adapter_config.json").is_file()
+    metrics, eval_dataset, eval_path = find_eval(output_dir)
+    eval_results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=eval_dataset or "custom",
+            dataset_name=eval_dataset or "rlhf eval",
+            metric_type=name,
+            metric_name=name,
+            metric_value=value,
+        )
+        for name, value in metrics.items()
+    ]
+    tags = ["rlhf", "trl", *([stage] if stage else []), *(["peft", "lora"] if is_adapter else [])]
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=[d for d in datasets if _is_hub_id(d)] or None,
+        license=license or recipe.get("license"),
+        tags=tags,
+        pipeline_tag="text-generation",
+        library_name="peft" if is_adapter else "transformers",
+        model_name=repo_id,
+        eval_results=eval_results or None,
+    )
+
+    lines = [f"# {repo_id}", ""]
+    what = f"the `{stage}` stage" if stage else "an rlhf pipeline"
+    lines += [
+        f"This model is the output of {what} of [rlhf](https://github.com/), a thin recipe layer over "
+        "transformers and TRL.",
+        "",
+    ]
+    if len(chain) > 1:
+        lines += ["## Lineage", ""]
+        for link in chain:
+            label = f"`{link['stage']}` stage" if link["stage"] else "base checkpoint"
+            where = f"[{link['hub_id']}](https://huggingface.co/{link['hub_id']})" if link["hub_id"] else link["path"]
+            lines.append(f"- {label}: {where}")
+        lines.append("")
+    lines += ["## Usage", "", "```python", "from transformers import pipeline", ""]
+    lines += [f'chat = pipeline("text-generation", model="{repo_id}")']
+    lines += ['print(chat([{"role": "user", "content": "Hello!"}], max_new_tokens=64))', "```", ""]
+    lines += ["or, with rlhf installed: `rlhf chat " + repo_id + "`.", ""]
+    if datasets:
+        lines += ["## Training data", "", *[f"- `{d}`" for d in datasets], ""]
+    if metrics:
+        lines += ["## Evaluation", "", f"From `{eval_path.relative_to(output_dir)}`:", "", "| metric | value |"]
+        lines += ["|---|---|", *[f"| {k} | {v:.4g} |" for k, v in metrics.items()], ""]
+    plots = training_plots(output_dir)
+    if plots:
+        lines += ["## Training curves", ""]
+        lines += [f"![{p.stem}]({p.relative_to(output_dir).as_posix()})" for p in plots]
+        lines.append("")
+    if recipe:
+        lines += ["## Training recipe", "", "```yaml", yaml.safe_dump(_redacted(recipe), sort_keys=False).rstrip()]
+        lines += ["```", ""]
+    lines += ["## Framework versions", "", *[f"- {k}: {v}" for k, v in _versions().items()], ""]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content)
+
+
+def files_to_upload(output_dir: str | Path) -> list[str]:
+    """Relative paths that upload_folder would send (everything but IGNORE_PATTERNS)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    output_dir = Path(output_dir)
+    paths = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
+    paths = [p for p in paths if not p.startswith((".git/", ".cache/"))]
+    return list(filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS))
+
+
+def check_publishable(output_dir: str | Path, repo_id: str) -> None:
+    """Fail early, with the fix, on a folder that is not a finished output or a malformed repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise RecipeError(f"OUTPUT_DIR: {str(output_dir)!r} does not exist; pass a finished stage or export folder.")
+    if not ((output_dir / "config.json").is_file() or (output_dir / "adapter_config.json").is_file()):
+        raise RecipeError(
+            f"OUTPUT_DIR: {str(output_dir)!r} holds no config.json or adapter_config.json; "
+            "publish a finished stage output or an `rlhf export` folder."
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise RecipeError(f"--repo-id: {repo_id!r} is not a valid Hub repo id ({error}); use `user/name`.") from None
+
+
+def publish(
+    output_dir: str | Path,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+    license: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+) -> list[str]:
+    """Write README.md (the model card) into `output_dir`, then create the repo and upload; return the files."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    check_publishable(output_dir, repo_id)
+    output_dir = Path(output_dir)
+    if not dry_run:
+        token = token or get_token()
+        if not token:
+            raise RecipeError(
+                "no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login` "
+                f"(or use --dry-run to only write the card); {output_dir} is unchanged."
+            )
+        if constants.is_offline_mode():
+            raise RecipeError(
+                "HF_HUB_OFFLINE=1 is set, so nothing can be uploaded; unset it to publish "
+                f"(or use --dry-run); {output_dir} is unchanged."
+            )
+    card = build_model_card(output_dir, repo_id, license)
+    card.save(output_dir / "README.md")
+    files = files_to_upload(output_dir)
+    if dry_run:
+        return files
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            ignore_patterns=IGNORE_PATTERNS,
+            commit_message=commit_message or f"Upload {output_dir.name} with rlhf",
+        )
+    except Exception as error:  # network, auth and Hub errors all mean the same to the user: not published
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(
+            f"publishing {output_dir} to {api.endpoint}/{repo_id} failed ({type(error).__name__}: {reason}); "
+            "the local output is intact — check the token, the repo id and the connection (HF_ENDPOINT), then "
+            f"rerun `rlhf publish {output_dir} --repo-id {repo_id}`."
+        ) from None
+    return files
+
+
+def publish_if_requested(output_dir: str | Path, training_args: Any) -> bool:
+    """Publish a finished stage output when its recipe asked for push_to_hub; report a failure, never raise."""
+    requested = bool(getattr(training_args, "push_to_hub", False)) or bool(read_recipe(output_dir).get("push_to_hub"))
+    if not requested:
+        return False
+    repo_id = getattr(training_args, "hub_model_id", None) or Path(output_dir).name
+    try:
+        files = publish(
+            output_dir,
+            repo_id,
+            private=getattr(training_args, "hub_private_repo", None),
+            token=getattr(training_args, "hub_token", None),
+        )
+    except RecipeError as error:
+        print(f"push_to_hub: {error}", file=sys.stderr)
+        return False
+    print(f"push_to_hub: uploaded {len(files)} files from {output_dir} to {repo_id}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """`rlhf publish OUTPUT_DIR --repo-id NAME [--private] [--dry-run] [--token T]`."""
+    parser = argparse.ArgumentParser(prog="rlhf publish", description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="a finished stage output or an `rlhf export` folder")
+    parser.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--dry-run", action="store_true", help="write the card and list the files; no network")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--license", help="license id for the card, e.g. apache-2.0")
+    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--commit-message")
+    args = parser.parse_args(argv)
+    files = publish(
+        args.output_dir,
+        args.repo_id,
+        args.private or None,  # unset: the Hub's (or the organisation's) default visibility
+        args.token,
+        args.dry_run,
+        args.license,
+        args.endpoint,
+        args.commit_message,
+    )
+    card = Path(args.output_dir) / "README.md"
+    if args.dry_run:
+        print(f"wrote {card}; would upload {len(files)} files to {args.repo_id}:")
+        for name in files:
+            print(f"  {name} ({(Path(args.output_dir) / name).stat().st_size:,} bytes)")
+    else:
+        print(f"uploaded {len(files)} files from {args.output_dir} to {args.repo_id}")
+    return files
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run
+
+    run(main)
