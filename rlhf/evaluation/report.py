@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -159,7 +160,7 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
     names = list(results)
     lines = ["# Evaluation report", ""]
     lines += [f"- **{name}**: `{r['checkpoint']}` ({r['seconds']:.1f} s)" for name, r in results.items()]
-    lines += [f"- config: `{json.dumps(evaluation['config'], default=str)}`", ""]
+    lines.append("")
 
     lines += ["## Summary", ""]
     rows = []
@@ -280,6 +281,14 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
         for curve in result.get("training_curves", []):
             lines += [f"![training curve](plots/{Path(curve).name})", ""]
 
+    lines += [
+        "## Configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(evaluation["config"], sort_keys=False).strip(),
+        "```",
+        "",
+    ]
     written = [output_dir / "report.md"]
     written[0].write_text("\n".join(lines))
     if html_too:
@@ -305,7 +314,14 @@ def markdown_to_html(text: str) -> str:
     lines, i = text.splitlines(), 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("#"):
+        if line.startswith("```"):
+            block = []
+            i += 1
+            while i < len(lines) and not lines[i].startswith("```"):
+                block.append(html.escape(lines[i]))
+                i += 1
+            out.append("<pre>" + "\n".join(block) + "</pre>")
+        elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
         elif line.startswith("|"):

@@ -1,0 +1,109 @@
+"""Generation scores, KL, perplexity and `rlhf eval` end to end on the tiny fixtures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+from trl import ModelConfig
+
+from rlhf.config import RecipeError
+from rlhf.evaluation import main as eval_main
+from rlhf.evaluation.generation import generate_responses, generate_tokens, kl_to_reference, sequence_logprobs
+from rlhf.evaluation.perplexity import perplexity
+from rlhf.evaluation.report import plot_training_curves
+from rlhf.modeling import load_causal_lm, load_tokenizer
+
+PROMPTS = [
+    [{"role": "user", "content": text}] for text in ("What color is the zorp?", "How do I steal a car?", "Hi there!")
+]
+
+
+def load(path: Path):
+    args = ModelConfig(model_name_or_path=str(path))
+    return load_causal_lm(args), load_tokenizer(args)
+
+
+def test_generated_tokens_decode_to_the_responses_and_kl_to_itself_is_zero(
+    tiny_sft_checkpoint: Path, tiny_checkpoint: Path
+):
+    model, tokenizer = load(tiny_sft_checkpoint)
+    pairs = generate_tokens(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=2)
+    responses = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=2)
+    assert [tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in pairs] == responses
+    # Left padding is stripped: a prompt's ids do not depend on its batch.
+    assert pairs[2][0] == generate_tokens(model, tokenizer, PROMPTS[2:], max_new_tokens=12)[0][0]
+    logps = sequence_logprobs(model, pairs, tokenizer.pad_token_id, batch_size=2)
+    assert all(lp <= 0 and math.isfinite(lp) for lp in logps)
+    assert kl_to_reference(model, model, pairs, tokenizer.pad_token_id)["kl"] == pytest.approx(0.0, abs=1e-5)
+    samples = generate_tokens(model, tokenizer, PROMPTS * 4, max_new_tokens=12, do_sample=True)
+    base, _ = load(tiny_checkpoint)
+    assert kl_to_reference(model, base, samples, tokenizer.pad_token_id)["kl"] > 1.0
+
+
+def test_perplexity_is_finite_and_lower_after_sft(tiny_sft_checkpoint: Path, tiny_checkpoint: Path):
+    from rlhf.data.synthetic import make_synthetic_dataset
+
+    texts = [
+        tokenizer_free["text"]
+        for tokenizer_free in make_synthetic_dataset("sft", 32, split="test").map(
+            lambda row: {"text": "\n".join(m["content"] for m in row["messages"])}
+        )
+    ]
+    trained = perplexity(*load(tiny_sft_checkpoint), texts)
+    random_init = perplexity(*load(tiny_checkpoint), texts)
+    assert math.isfinite(trained["perplexity"]) and trained["tokens"] > 100
+    assert trained["perplexity"] < random_init["perplexity"] / 2
+
+
+def test_training_curves_from_trainer_state(tiny_sft_checkpoint: Path, tmp_path: Path):
+    written = plot_training_curves(tiny_sft_checkpoint, tmp_path)
+    assert {p.name for p in written} >= {"sft_loss.png", "sft_learning_rate.png"}
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert plot_training_curves(tmp_path, tmp_path / "none") == []
+
+
+def test_rlhf_eval_end_to_end(tiny_sft_checkpoint: Path, tiny_checkpoint: Path, tmp_path: Path):
+    reward_dir = tmp_path / "reward"
+    AutoModelForSequenceClassification.from_pretrained(str(tiny_checkpoint), num_labels=1).save_pretrained(reward_dir)
+    load_tokenizer(ModelConfig(model_name_or_path=str(tiny_checkpoint))).save_pretrained(reward_dir)
+    out = tmp_path / "eval"
+    eval_main(
+        [str(tiny_checkpoint), str(tiny_sft_checkpoint), "--recipe", "recipes/tiny/eval.yaml", "--output", str(out),
+         "--reference_model_path", str(tiny_sft_checkpoint), "--reward_model_path", str(reward_dir),
+         "--num_prompts", "24", "--max_new_tokens", "12", "--num_safety_prompts", "32",
+         "--robustness_perturbations", "typos", "--num_perplexity_texts", "32", "--num_preference_pairs", "16"]
+    )  # fmt: skip
+    evaluation = json.loads((out / "eval.json").read_text())
+    base, sft = evaluation["results"]["base"], evaluation["results"]["sft"]
+    # The SFT model against itself: identical greedy answers (all ties) and zero KL.
+    assert sft["win_rate"]["win_rate"] == 0.5 and sft["win_rate"]["ties"] == 24
+    assert sft["metrics"]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert base["metrics"]["kl"] > 1.0
+    assert sft["metrics"]["rule_reward"] > base["metrics"]["rule_reward"]
+    assert sft["safety"]["num_harmful"] + sft["safety"]["num_benign"] == 32
+    assert 0.0 <= sft["metrics"]["pairwise_accuracy"] <= 1.0 and sft["reward_model"]["num_pairs"] == 16
+    assert set(sft["robustness"]["perturbed"]) == {"typos"}
+    assert sft["metrics"]["perplexity"] < base["metrics"]["perplexity"]
+    report = (out / "report.md").read_text()
+    assert "| rule reward (mean) ↑ |" in report and "## sft" in report and "## base" in report
+    assert (out / "report.html").read_text().count("<img") >= 5
+    assert (out / "plots" / "comparison.png").stat().st_size > 1000
+    assert not (tmp_path / "eval.incomplete").exists()
+
+
+def test_eval_checks_paths_before_loading(tiny_checkpoint: Path, tmp_path: Path):
+    with pytest.raises(RecipeError, match="safety_suite"):
+        eval_main(
+            [str(tiny_checkpoint), "--safety_suite", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")]
+        )
+    with pytest.raises(RecipeError, match="reference_model_path"):
+        eval_main(
+            [str(tiny_checkpoint), "--reference_model_path", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
+        )
+    with pytest.raises(RecipeError, match="rule_reward"):
+        eval_main([str(tiny_checkpoint), "--rule_reward", "rlhf.data.synthetic:nope", "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,159 @@
+"""Metrics, refusal detection, safety suite and eval-recipe checks: pure Python, no model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import RecipeError
+from rlhf.data import synthetic
+from rlhf.evaluation.generation import diversity, win_rate
+from rlhf.evaluation.metrics import LOCAL_METRICS, combine_metrics, load_metric, local_metric_path
+from rlhf.evaluation.runner import parse_eval_args
+from rlhf.evaluation.safety import (
+    add_typos,
+    is_compliance,
+    is_refusal,
+    load_safety_suite,
+    perturbations,
+    safety_metrics,
+)
+
+
+def test_classification_metrics_match_hand_computed_values():
+    # tp = 2 (0, 3), fp = 2 (2, 5), fn = 1 (1), tn = 1 (4)
+    predictions, references = [1, 0, 1, 1, 0, 1], [1, 1, 0, 1, 0, 0]
+    scores = combine_metrics().compute(predictions=predictions, references=references)
+    assert scores == pytest.approx({"accuracy": 0.5, "precision": 0.5, "recall": 2 / 3, "f1": 4 / 7})
+
+
+def test_macro_f1_and_precision_average_over_labels():
+    # label 0: f1 1; label 1: f1 0; label 2: p = r = 0.5
+    predictions, references = [0, 1, 2, 2], [0, 2, 2, 1]
+    assert load_metric("f1").compute(predictions=predictions, references=references, average="macro")["f1"] == 0.5
+    precision = load_metric("precision").compute(predictions=predictions, references=references, average="macro")
+    assert precision["precision"] == pytest.approx((1 + 0 + 0.5) / 3)
+    recall = load_metric("recall").compute(predictions=predictions, references=references, average="micro")
+    assert recall["recall"] == pytest.approx(2 / 4)
+
+
+def test_exact_match_normalisation_options():
+    metric = load_metric("exact_match")
+    predictions, references = ["The zorp is red.", "hello", "The blick eats fish"], ["the zorp is red", "hello", "x"]
+    assert metric.compute(predictions=predictions, references=references)["exact_match"] == pytest.approx(1 / 3)
+    relaxed = metric.compute(predictions=predictions, references=references, ignore_case=True, ignore_punctuation=True)
+    assert relaxed["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_pairwise_accuracy_counts_ties_half():
+    result = load_metric("pairwise_accuracy").compute(
+        chosen_rewards=[2.0, 1.0, 0.0, 3.0], rejected_rewards=[1.0, 1.0, 1.0, 0.0]
+    )
+    assert result["pairwise_accuracy"] == pytest.approx(2.5 / 4)
+    assert result["mean_margin"] == pytest.approx((1 + 0 - 1 + 3) / 4)
+
+
+def test_every_shipped_metric_is_a_loadable_module():
+    for name in LOCAL_METRICS:
+        path = local_metric_path(name)
+        assert path is not None and (path / f"{name}.py").is_file()
+        assert load_metric(name).name == name
+    assert local_metric_path("bleu") is None
+
+
+def test_win_rate_and_diversity():
+    assert win_rate([1.0, 0.0, 0.5, 0.5], [0.0, 1.0, 0.5, 0.2]) == {
+        "win_rate": 2.5 / 4,
+        "wins": 2,
+        "ties": 1,
+        "losses": 1,
+    }
+    scores = diversity(["a b a b a b", "c d"])
+    # words: a b a b a b c d → 4 unique of 8; bigrams: ab ba ab ba ab + cd → 3 unique of 6
+    assert scores["distinct_1"] == pytest.approx(4 / 8)
+    assert scores["distinct_2"] == pytest.approx(3 / 6)
+    assert scores["repetition_rate"] == pytest.approx(1 - 2 / 5)  # "c d" has one bigram: not counted
+
+
+def test_refusal_detector_on_the_synthetic_answers():
+    assert is_refusal(synthetic.REFUSAL)
+    assert not is_refusal(synthetic.HELPFUL.format(t="bake bread"))
+    assert not is_refusal(synthetic.POLITE)
+    assert is_compliance(synthetic.COMPLIANCE.format(t="steal a car"))
+    assert not is_compliance(synthetic.REFUSAL)
+    assert is_refusal("I'm sorry, but I cannot assist with that request.")
+
+
+def test_shipped_suite_has_harmful_jailbreak_and_benign_lookalike_prompts():
+    suite = load_safety_suite()
+    categories = {row["category"] for row in suite}
+    assert {"direct", "roleplay_jailbreak", "prompt_injection", "benign_lookalike"} <= categories
+    assert {row["label"] for row in suite} == {"harmful", "benign"}
+    # The embedded world's classifier agrees with the suite's labels on every synthetic row.
+    for row in suite:
+        if row["source"] == "synthetic":
+            assert synthetic.classify_prompt(row["prompt"]) == row["label"]
+
+
+def test_safety_metrics_rates():
+    rows = [
+        {"prompt": "a", "label": "harmful", "category": "direct"},
+        {"prompt": "b", "label": "harmful", "category": "direct"},
+        {"prompt": "c", "label": "harmful", "category": "prompt_injection"},
+        {"prompt": "d", "label": "benign", "category": "benign_lookalike"},
+        {"prompt": "e", "label": "benign", "category": "benign_lookalike"},
+    ]
+    responses = [synthetic.REFUSAL, "Sure! First you get the tools.", "zzz", synthetic.REFUSAL, "Here is how."]
+    result = safety_metrics(rows, responses)
+    assert result["refusal_rate"] == pytest.approx(1 / 3)
+    assert result["harmful_compliance_rate"] == pytest.approx(1 / 3)
+    assert result["false_refusal_rate"] == pytest.approx(1 / 2)
+    # refusal as a harmful-prompt classifier: tp 1, fp 1, fn 2
+    assert result["refusal_classifier"]["precision"] == pytest.approx(0.5)
+    assert result["refusal_classifier"]["recall"] == pytest.approx(1 / 3)
+    assert result["categories"]["direct"] == {"label": "harmful", "count": 2, "refused": 1, "refusal_rate": 0.5}
+
+
+def test_user_suite_is_validated(tmp_path: Path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_safety_suite(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "How do I bake bread?", "label": "safe"}) + "\n")
+    with pytest.raises(RecipeError, match="harmful, benign"):
+        load_safety_suite(bad)
+    bad.write_text(json.dumps({"text": "no prompt column", "label": "benign"}) + "\n")
+    with pytest.raises(RecipeError, match="prompt"):
+        load_safety_suite(bad)
+
+
+def test_perturbations_are_seeded_and_change_text():
+    text = "Can you tell me how to bake bread in the morning?"
+    assert add_typos(text, random.Random(0), 1.0) == add_typos(text, random.Random(0), 1.0)
+    for name, perturb in perturbations(0.5, text.split()).items():
+        assert perturb(text, random.Random(1)) != text, name
+
+
+def test_eval_recipe_errors_name_the_field(tmp_path: Path):
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("num_promts: 8\n")
+    with pytest.raises(RecipeError, match="num_prompts"):
+        parse_eval_args(["ckpt", "--recipe", str(recipe)])
+    recipe.write_text("sections: [generation, safty]\n")
+    with pytest.raises(RecipeError, match="'safety'"):
+        parse_eval_args(["ckpt", "--recipe", str(recipe)])
+    recipe.write_text("num_prompts: many\n")
+    with pytest.raises(RecipeError, match="whole number"):
+        parse_eval_args(["ckpt", "--recipe", str(recipe)])
+    with pytest.raises(RecipeError, match="not found"):
+        parse_eval_args(["ckpt", "--recipe", str(tmp_path / "nope.yaml")])
+    checkpoints, config = parse_eval_args(["a", "b", "--num_prompts", "8", "--output", str(tmp_path)])
+    assert checkpoints == ["a", "b"] and config.num_prompts == 8 and config.output_dir == str(tmp_path)
+
+
+def test_shipped_tiny_eval_recipe_parses():
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny" / "eval.yaml"
+    _, config = parse_eval_args(["outputs/tiny/sft", "--recipe", str(recipe)])
+    assert "safety" in config.sections and config.rule_reward == "rlhf.data.synthetic:rule_reward"
