@@ -1,0 +1,152 @@
+"""PPO against a reward model and/or Python reward functions, with rlhf.ppo.PPOTrainer (TRL 1.13+ has none).
+
+rlhf train recipes/tiny/ppo.yaml
+accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.ppo recipes/tiny/ppo.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from trl import ModelConfig, get_peft_config
+
+from rlhf.artifacts import finish_stage, read_metrics, start_stage
+from rlhf.config import RecipeError, parse_recipe
+from rlhf.data import prepare_datasets
+from rlhf.data.load import sources
+from rlhf.modeling import (
+    align_generation_config,
+    check_model_source,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+)
+from rlhf.ppo import PPOConfig, PPOTrainer
+from rlhf.rewards import load_reward_function
+
+logger = logging.getLogger(__name__)
+
+
+def check_reward_model(path: str, min_accuracy: float) -> float | None:
+    """Quality gate: refuse a reward model whose held-out accuracy is below `min_accuracy` (RecipeError)."""
+    try:
+        from rlhf.stages.reward import check_reward_quality
+    except ImportError:
+        check_reward_quality = None
+    if check_reward_quality is not None:
+        return check_reward_quality(path, min_accuracy)
+    # Without the reward stage's checker, trust the accuracy its metrics.json recorded.
+    if not (Path(path) / "metrics.json").exists():
+        logger.warning("reward_model_path %s has no metrics.json; skipping the quality gate", path)
+        return None
+    accuracy = read_metrics(path).get("eval", {}).get("eval_accuracy")
+    if accuracy is not None and accuracy < min_accuracy:
+        raise RecipeError(
+            f"reward_model_path: {path} has held-out accuracy {accuracy:.3f} < reward_min_accuracy {min_accuracy}; "
+            "train the reward model longer or on cleaner preferences, or lower reward_min_accuracy."
+        )
+    return accuracy
+
+
+def reward_stats(path: str) -> dict[str, float] | None:
+    """The reward stage's score mean/std (metrics.json `reward_stats`), used to standardise scores."""
+    if not (Path(path) / "metrics.json").exists():
+        return None
+    stats = read_metrics(path).get("reward_stats")
+    return stats if stats and {"mean", "std"} <= set(stats) else None
+
+
+def _sibling_model_args(model_args: ModelConfig, path: str) -> ModelConfig:
+    """ModelConfig for another checkpoint (reward/value model) with the policy's dtype and attention settings."""
+    return ModelConfig(
+        model_name_or_path=path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe = parse_recipe(argv, PPOConfig, stage="ppo")
+    model_args, data_args, args = recipe.model, recipe.data, recipe.training
+
+    # Every reward source is checked before any model loads.
+    if not args.reward_model_path and not args.reward_funcs:
+        raise RecipeError(
+            "reward_model_path / reward_funcs: PPO needs a reward; set reward_model_path (a reward stage output) "
+            "and/or reward_funcs (e.g. [rlhf.data.synthetic:rule_reward])."
+        )
+    for name in ("reward_model_path", "value_model_path"):
+        if getattr(args, name):
+            check_model_source(getattr(args, name), name)
+    reward_funcs = [load_reward_function(spec) for spec in args.reward_funcs or []]
+    num_sources = bool(args.reward_model_path) + len(reward_funcs)
+    if args.reward_weights is not None and len(args.reward_weights) != num_sources:
+        raise RecipeError(
+            f"reward_weights: {len(args.reward_weights)} weights for {num_sources} reward sources; give one per "
+            "source, the reward model first and then each of reward_funcs."
+        )
+    reward_accuracy = None
+    if args.reward_model_path:
+        reward_accuracy = check_reward_model(args.reward_model_path, args.reward_min_accuracy)
+
+    train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", args.seed)
+
+    tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    policy = load_causal_lm(model_args, recipe.trust_remote_code)
+    align_generation_config(policy, tokenizer)
+    reward_model = reward_tokenizer = stats = None
+    if args.reward_model_path:
+        reward_args = _sibling_model_args(model_args, args.reward_model_path)
+        reward_tokenizer = load_tokenizer(reward_args, recipe.trust_remote_code)
+        reward_model = load_sequence_classifier(
+            reward_args, reward_tokenizer, trust_remote_code=recipe.trust_remote_code
+        )
+        stats = reward_stats(args.reward_model_path)
+    # The value model starts from the reward model (it already reads responses), else the policy + a new head.
+    value_path = args.value_model_path or args.reward_model_path or model_args.model_name_or_path
+    value_model = load_sequence_classifier(
+        _sibling_model_args(model_args, value_path), tokenizer, trust_remote_code=recipe.trust_remote_code
+    )
+
+    final_dir, resume_from = start_stage(args)
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,  # a frozen copy of the policy, or the policy with adapters disabled under LoRA
+        reward_model=reward_model,
+        train_dataset=train_dataset,
+        value_model=value_model,
+        eval_dataset=eval_dataset,
+        reward_funcs=reward_funcs,
+        reward_processing_class=reward_tokenizer,
+        reward_stats=stats,
+        peft_config=get_peft_config(model_args),
+    )
+    extra = {}
+    if all(entry["path"].startswith("synthetic:") for entry in sources(data_args)):
+        from rlhf.data.synthetic import rule_reward
+
+        extra["rule_score"] = rule_reward
+    eval_before = trainer.evaluate(metric_key_prefix="eval_before", extra_reward_funcs=extra)
+    train_metrics = trainer.train(resume_from_checkpoint=resume_from)
+    eval_after = trainer.evaluate(extra_reward_funcs=extra)
+    finish_stage(
+        trainer,
+        recipe,
+        {
+            "train": train_metrics,
+            "eval_before": eval_before,
+            "eval": eval_after,
+            "health": trainer.health_events,
+            "reward_model_accuracy": reward_accuracy,
+            "reward_stats": stats,
+            "data": data_report,
+        },
+        final_dir,
+    )
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run
+
+    run(main)
