@@ -73,9 +73,17 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path) -> Path:
-    """Save model, tokenizer, trainer state, metrics.json and the resolved recipe; then publish."""
+    """Save model, tokenizer, trainer state, metrics.json and the resolved recipe; then publish.
+
+    Called on every process: saving gathers FSDP/ZeRO-3 shards collectively, then only the main
+    process writes files and renames; the others wait, so on return `final` exists on every rank.
+    """
     tmp = Path(trainer.args.output_dir)
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # Trainer.save_model writes no weights under SHARDED_STATE_DICT; the output must be one loadable checkpoint.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))
+    metrics = {**metrics, "world_size": trainer.accelerator.num_processes}
     if trainer.accelerator.is_main_process:
         trainer.save_state()
         for checkpoint in tmp.glob("checkpoint-*"):

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from rlhf.config import RecipeError, recipe_stage
+from rlhf.distributed import shutdown_distributed
 
 # command → (module, function, one-line help). Modules import lazily: `rlhf --help` stays instant.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -32,6 +33,8 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        shutdown_distributed()  # under accelerate launch / torchrun; a no-op in one process
 
 
 def train(argv: list[str] | None = None) -> None:

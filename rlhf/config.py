@@ -271,6 +271,10 @@ def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) ->
             )
         if flag in training_fields:
             values.setdefault(flag, False)
+    # Launched as several processes (torchrun / accelerate launch) without a GPU: accelerate builds the
+    # gloo process group only when told the run is on CPU; otherwise every rank silently trains alone.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in training_fields:
+        values.setdefault("use_cpu", True)
     # Recomputing activations saves GPU memory; on CPU it only costs time. transformers 5.24 renamed
     # gradient_checkpointing to activation_checkpointing; set whichever this version has.
     if "gradient_checkpointing" not in values and "activation_checkpointing" not in values:

@@ -12,6 +12,7 @@ from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
 from rlhf.config import RecipeError, parse_recipe
 from rlhf.data import prepare_datasets
+from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     check_stop_token_in_loss(trainer)
 
-    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_dataset is not None else {}
+    eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     eval_after = trainer.evaluate() if eval_dataset is not None else {}
     finish_stage(
