@@ -1,0 +1,184 @@
+"""The pipeline's final report: headline table, per-stage times, lineage and plots (report.md + report.html)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+HEADLINE_COLUMNS = [
+    ("rule score", "rule_reward"),
+    ("reward-model score", "reward_model_score"),
+    ("win-rate vs SFT", "win_rate"),
+    ("KL to SFT", "kl"),
+    ("perplexity", "perplexity"),
+    ("refusal (harmful)", "refusal_rate"),
+    ("false refusal", "false_refusal_rate"),
+]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of model weights in a checkpoint directory."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _eval_results(pipeline: Any) -> tuple[dict[str, dict[str, Any]], Path | None]:
+    """Merged per-model results of every eval stage in the pipeline, and the last eval dir."""
+    results: dict[str, dict[str, Any]] = {}
+    last = None
+    for spec in pipeline.stages:
+        path = pipeline.stage_dir(spec.name) / "eval.json"
+        if spec.command == "eval" and path.exists():
+            results.update(json.loads(path.read_text())["results"])
+            last = path.parent
+    return results, last
+
+
+def _compress_metrics(stage_dir: Path) -> dict[str, Any]:
+    for name in ("compress_report.json", "metrics.json"):
+        path = stage_dir / name
+        if path.exists():
+            return json.loads(path.read_text())
+    return {}
+
+
+def _latency(metrics: dict[str, Any]) -> float | None:
+    """Generation latency (ms/token) from a compression report, wherever it sits in it."""
+    for key in ("latency_ms_per_token", "ms_per_token"):
+        if key in metrics:
+            return metrics[key]
+    for section in ("after", "student", "quantized", "pruned"):
+        if isinstance(metrics.get(section), dict):
+            found = _latency(metrics[section])
+            if found is not None:
+                return found
+    return None
+
+
+def _plot_bars(results: dict[str, dict[str, Any]], key: str, title: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in results.items() if r.get("metrics", {}).get(key) is not None]
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3))
+    ax.bar(names, [results[n]["metrics"][key] for n in names], color="#4C72B0")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_reward_distributions(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = {n: r["scores"]["reward_model"] for n, r in results.items() if (r.get("scores") or {}).get("reward_model")}
+    if not scored:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for name, scores in scored.items():
+        ax.hist(scores, bins=20, alpha=0.5, label=name)
+    ax.set_title("reward-model score of generated responses")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _lineage_lines(lineage: dict[str, Any], depth: int = 0) -> list[str]:
+    line = f"{'  ' * depth}- **{lineage.get('stage')}** ({lineage.get('recipe') or lineage.get('command') or 'input'})"
+    if lineage.get("fingerprint"):
+        line += f" `{lineage['fingerprint']}`"
+    lines = [line]
+    for parent in (lineage.get("inputs") or {}).values():
+        lines += _lineage_lines(parent, depth + 1)
+    return lines
+
+
+def write_report(pipeline: Any, summary: dict[str, Any]) -> Path:
+    """Write `<output_dir>/report.md` and `report.html`; return the Markdown path."""
+    from rlhf.evaluation.report import markdown_to_html
+
+    out = pipeline.output_dir
+    plots = out / "report_plots"
+    if plots.exists():
+        shutil.rmtree(plots)
+    plots.mkdir(parents=True)
+    results, eval_dir = _eval_results(pipeline)
+    lines = [f"# Pipeline report: {pipeline.name}", ""]
+
+    lines += ["## Headline", ""]
+    header = ["model", *(title for title, _ in HEADLINE_COLUMNS), "weights size", "latency (ms/token)"]
+    rows = []
+    for name, result in results.items():
+        metrics = result.get("metrics", {})
+        stage_dir = pipeline.stage_dir(name)
+        size = f"{weights_size(stage_dir) / 2**20:.2f} MiB" if stage_dir.is_dir() else None
+        latency = _latency(_compress_metrics(stage_dir)) if stage_dir.is_dir() else None
+        rows.append([name, *(metrics.get(key) for _, key in HEADLINE_COLUMNS), size, latency])
+    lines += _table(header, rows) if rows else ["(no eval stage in this pipeline)"]
+    lines += [""]
+
+    lines += ["## Stages", ""]
+    stage_rows = []
+    for name, info in summary["stages"].items():
+        stage_rows.append([name, info["status"], info.get("seconds"), info.get("fingerprint")])
+    lines += _table(["stage", "this run", "seconds (when it ran)", "fingerprint"], stage_rows)
+    lines += ["", f"Total wall time of this run: {summary.get('seconds', 0):.1f} s", ""]
+
+    lines += ["## Plots", ""]
+    figures = [
+        _plot_bars(results, "rule_reward", "rule-based score (held-out prompts)", plots / "rule_score.png"),
+        _plot_bars(results, "reward_model_score", "mean reward-model score", plots / "reward_model_score.png"),
+        _plot_reward_distributions(results, plots / "reward_distributions.png"),
+    ]
+    for result in results.values():
+        for curve in result.get("training_curves") or []:
+            if os.path.exists(curve):
+                figures.append(Path(shutil.copy(curve, plots / Path(curve).name)))
+    for spec in pipeline.stages:
+        if spec.command == "attention" and pipeline.stage_dir(spec.name).is_dir():
+            for png in sorted(pipeline.stage_dir(spec.name).glob("*.png"))[:2]:
+                figures.append(Path(shutil.copy(png, plots / f"attention_{png.name}")))
+    for figure in filter(None, figures):
+        lines += [f"![{figure.stem}]({figure.relative_to(out)})", ""]
+
+    final = next((s for s in reversed(pipeline.stages) if s.recipe and pipeline.stage_dir(s.name).is_dir()), None)
+    if final is not None:
+        lineage_path = pipeline.stage_dir(final.name) / "lineage.json"
+        if lineage_path.exists():
+            lines += [f"## Lineage of `{final.name}`", ""]
+            lines += _lineage_lines(json.loads(lineage_path.read_text())) + [""]
+    if eval_dir is not None:
+        lines += [f"Full evaluation report: [{eval_dir.name}/report.md]({eval_dir.relative_to(out)}/report.md)", ""]
+
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(markdown_to_html(text))
+    return out / "report.md"
