@@ -24,6 +24,7 @@ from rlhf.config import RecipeError
 
 ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = ("float32", "bfloat16", "float16")
+LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -101,6 +102,14 @@ def save_checkpoint(
     with atomic_output_dir(output_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
+        # transformers 5 records how this copy was loaded (is_local, local_files_only: true when
+        # offline); a shipped folder should not tell whoever loads it to stay offline.
+        config_file = tmp / "tokenizer_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            if any(key in config for key in LOAD_TIME_KEYS):
+                config = {k: v for k, v in config.items() if k not in LOAD_TIME_KEYS}
+                config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return Path(output_dir)
 
 

@@ -110,6 +110,7 @@ def test_sharded_export_is_clean_and_loads_with_pipeline(tiny_checkpoint, sample
             assert {k for k, v in index["weight_map"].items() if v == shard} == set(handle.keys())
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())  # loads online too
     torch.testing.assert_close(_logits(out, sample_ids), _logits(tiny_checkpoint, sample_ids))
 
     generator = pipeline("text-generation", model=str(out))

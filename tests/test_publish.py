@@ -56,6 +56,7 @@ def pushed_stage(tiny_checkpoint: Path, tmp_path_factory):
         model_name_or_path=str(tiny_checkpoint),
         dataset_name="synthetic:sft",
         synthetic_num_examples=48,
+        max_eval_samples=4,
         clean_deduplicate=False,
         assistant_only_loss=True,
         max_length=64,
