@@ -18,9 +18,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/rlhf tiny-checkpoint outputs/tiny/base
-	$(BIN)/rlhf train recipes/tiny/pretrain.yaml
-	$(BIN)/rlhf train recipes/tiny/sft.yaml
+	$(BIN)/rlhf pipeline recipes/tiny/pipeline.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q tests
