@@ -181,8 +181,7 @@ def build_model_card(output_dir: str | Path, repo_id: str, license: str | None =
     lines = [f"# {repo_id}", ""]
     what = f"the `{stage}` stage" if stage else "an rlhf pipeline"
     lines += [
-        f"This model is the output of {what} of [rlhf](https://github.com/), a thin recipe layer over "
-        "transformers and TRL.",
+        f"This model is the output of {what} of `rlhf`, a thin recipe layer over transformers and TRL.",
         "",
     ]
     if len(chain) > 1:
