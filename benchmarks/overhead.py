@@ -1,0 +1,162 @@
+"""What the thin layer costs: rlhf's SFT, reward and DPO stages against plain TRL scripts.
+
+    .venv/bin/python benchmarks/overhead.py                      # all three stages, 3 alternating repeats
+    .venv/bin/python benchmarks/overhead.py --stages sft --repeats 5 --threads 2
+
+Each arm runs in its own subprocess on the same checkpoint, the same data file and the same
+training settings: `python -m rlhf.stages.<stage> recipe.yaml` against benchmarks/plain_trl/<stage>.py
+(SFTTrainer / RewardTrainer / DPOTrainer used directly, as TRL's example scripts do). The arms
+alternate (A B, B A, …) and the table shows median ratios of the same repeat:
+
+- tokens/s, whole stage: tokens trained / the subprocess's wall time (import, data, model load,
+  training, saving: everything the user waits for);
+- tokens/s, train only: tokens trained / the trainer's `train_runtime`;
+- peak RSS: the child's own maximum resident set (wait4 rusage).
+
+For a like-for-like comparison the toolkit recipe turns off what the plain script does not do:
+no held-out split (`test_split_size: 0`, a data file rather than `synthetic:` data, so no
+eval-before/after pass) and no deduplication (the synthetic rows repeat on purpose).
+`--with-eval` adds a third arm, the toolkit with its default held-out evaluation, to show its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from _common import (
+    PYTHON,
+    REPO,
+    ensure_checkpoint,
+    machine_note,
+    median,
+    print_table,
+    run_child,
+    spread,
+    trainer_log,
+    write_jsonl,
+    write_yaml,
+)
+
+STAGE_DATA = {"sft": ("sft", 960), "reward": ("preference", 640), "dpo": ("preference", 320)}
+COMMON = {
+    "max_length": 128,
+    "per_device_train_batch_size": 16,
+    "num_train_epochs": 1,
+    "learning_rate": 1.0e-4,
+    "lr_scheduler_type": "linear",
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "seed": 42,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+}
+STAGE_KEYS = {"sft": {"assistant_only_loss": True}, "reward": {}, "dpo": {"beta": 0.1}}
+
+
+def prepare(work: Path, stage: str) -> Path:
+    """Write the stage's training data once, as the JSONL file both arms read."""
+    from rlhf.data.synthetic import make_synthetic_dataset
+
+    kind, rows = STAGE_DATA[stage]
+    path = work / f"{stage}.jsonl"
+    if not path.exists():
+        write_jsonl(path, make_synthetic_dataset(kind, rows, seed=0).to_list())
+    return path
+
+
+def run_arm(arm: str, stage: str, checkpoint: Path, data: Path, work: Path, threads: int, tag: str) -> dict:
+    out = work / f"{stage}-{arm}-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    keys = {"model_name_or_path": str(checkpoint), "output_dir": str(out), **COMMON, **STAGE_KEYS[stage]}
+    if arm == "plain":
+        config = write_yaml(work / f"{stage}-plain.yaml", keys)
+        cmd = [PYTHON, str(REPO / "benchmarks/plain_trl" / f"{stage}.py"), "--config", str(config)]
+        cmd += ["--dataset_name", str(data)]
+    else:
+        toolkit = {"stage": stage, "dataset_name": str(data), "test_split_size": 0.0, "clean_deduplicate": False}
+        if arm == "toolkit+eval":  # the default: synthetic data with its held-out split, eval before and after
+            toolkit = {"stage": stage, "dataset_name": f"synthetic:{STAGE_DATA[stage][0]}", "clean_deduplicate": False}
+            toolkit["synthetic_num_examples"] = STAGE_DATA[stage][1]
+            toolkit["per_device_eval_batch_size"] = 32
+        config = write_yaml(work / f"{stage}-{arm}.yaml", {**toolkit, **keys})
+        cmd = [PYTHON, "-m", f"rlhf.stages.{stage}", str(config)]
+    result = run_child(cmd, threads, log=work / f"{stage}-{arm}-{tag}.log")
+    result.update(trainer_log(out))
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default="sft,reward,dpo")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per child (1: less sensitive to noise)")
+    parser.add_argument("--with-eval", action="store_true", help="also time the toolkit with its held-out eval")
+    parser.add_argument("--work", default="/tmp/rlhf_bench/overhead")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = ensure_checkpoint(work / "ckpt-128x4", hidden_size=128, num_layers=4)
+    arms = ["toolkit", "plain"] + (["toolkit+eval"] if args.with_eval else [])
+
+    rows = []
+    for stage in args.stages.split(","):
+        if not (REPO / "rlhf/stages" / f"{stage}.py").exists():
+            print(f"skipping {stage}: rlhf/stages/{stage}.py does not exist yet")
+            continue
+        data = prepare(work, stage)
+        runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+        for repeat in range(args.repeats):
+            order = arms if repeat % 2 == 0 else arms[::-1]
+            for arm in order:
+                runs[arm].append(run_arm(arm, stage, checkpoint, data, work, args.threads, str(repeat)))
+                r = runs[arm][-1]
+                print(
+                    f"  {stage} {arm:12s} #{repeat}: wall {r['wall_s']:.1f}s train {r['train_runtime']:.1f}s "
+                    f"tokens {r['num_tokens']} rss {r['peak_rss_mb']:.0f}MB",
+                    flush=True,
+                )
+        for arm in arms[:1] + arms[2:]:
+            pairs = list(zip(runs[arm], runs["plain"]))
+            whole = [(t["num_tokens"] / t["wall_s"]) / (p["num_tokens"] / p["wall_s"]) for t, p in pairs]
+            train = [(t["num_tokens"] / t["train_runtime"]) / (p["num_tokens"] / p["train_runtime"]) for t, p in pairs]
+            rss = [t["peak_rss_mb"] / p["peak_rss_mb"] for t, p in pairs]
+            rows.append(
+                [
+                    f"{stage} ({arm})",
+                    median(whole),
+                    spread(whole),
+                    median(train),
+                    spread(train),
+                    median(rss),
+                    f"{median([p['wall_s'] for _, p in pairs]):.1f} / {median([t['wall_s'] for t, _ in pairs]):.1f}",
+                    f"{median([p['peak_rss_mb'] for _, p in pairs]):.0f} / {median([t['peak_rss_mb'] for t, _ in pairs]):.0f}",
+                    f"{pairs[0][1]['num_tokens']} / {pairs[0][0]['num_tokens']}",
+                ]
+            )
+    print(f"\nrlhf vs plain TRL ({machine_note()}, {args.threads} thread(s), {args.repeats} alternating repeats)")
+    print("ratios are rlhf / plain TRL: tokens/s ≥ 0.98 and peak RSS ≤ 1.05 are the goals\n")
+    print_table(
+        [
+            "stage",
+            "tokens/s whole",
+            "range",
+            "tokens/s train-only",
+            "range",
+            "peak RSS",
+            "wall s plain / rlhf",
+            "RSS MB plain / rlhf",
+            "tokens plain / rlhf",
+        ],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
