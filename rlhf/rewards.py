@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rlhf.config import RecipeError
 
@@ -23,3 +24,46 @@ def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable[...
     if not callable(function):
         raise RecipeError(f"{field}: {module_name!r} has no function {attribute!r}.")
     return function
+
+
+@dataclass
+class RewardSourceArguments:
+    """Recipe keys naming the rewards of an online RL stage (GRPO, RLOO), with TRL's script names.
+
+    `reward_model_name_or_path` is a reward model directory (the reward stage's output) or Hub id;
+    `reward_funcs` lists Python reward functions as `package.module:function`. With several
+    sources, their order (reward model first) is the order of TRL's `reward_weights`.
+    """
+
+    reward_model_name_or_path: str | None = None
+    reward_funcs: list[str] | None = None
+    reward_min_accuracy: float = 0.9
+
+
+def resolve_reward_sources(args: RewardSourceArguments) -> list[str | Callable[..., list[float]]]:
+    """Check and resolve a recipe's reward sources into TRL's `reward_funcs` list, before any model loads.
+
+    A reward model stays a path string (TRL loads it with AutoModelForSequenceClassification); its
+    held-out accuracy must reach `reward_min_accuracy` (0 disables the check).
+    """
+    from rlhf.modeling import check_model_source
+    from rlhf.stages.reward import check_reward_quality
+
+    sources: list[str | Callable[..., list[float]]] = []
+    if args.reward_model_name_or_path:
+        check_model_source(args.reward_model_name_or_path, field="reward_model_name_or_path")
+        check_reward_quality(args.reward_model_name_or_path, args.reward_min_accuracy)
+        sources.append(args.reward_model_name_or_path)
+    sources.extend(load_reward_function(spec) for spec in args.reward_funcs or [])
+    if not sources:
+        raise RecipeError(
+            f"reward_funcs: no reward source; set `reward_model_name_or_path` (a reward stage output) and/or "
+            f"`reward_funcs: [{RULE_REWARD}]`."
+        )
+    weights = getattr(args, "reward_weights", None)
+    if weights is not None and len(weights) != len(sources):
+        raise RecipeError(
+            f"reward_weights: {len(weights)} weights for {len(sources)} reward sources (reward model first, then "
+            "reward_funcs in order); give one weight per source."
+        )
+    return sources

@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 from trl import RewardConfig, RewardTrainer, get_peft_config
 from trl.trainer.utils import pad
 
@@ -30,6 +29,7 @@ from rlhf.artifacts import METRICS_FILE, finish_stage, read_metrics, start_stage
 from rlhf.callbacks import regularization_callbacks
 from rlhf.config import RecipeError, parse_recipe
 from rlhf.data import prepare_datasets
+from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import load_sequence_classifier, load_tokenizer, merge_adapters
 
 
@@ -55,28 +55,6 @@ def score_token_ids(
         scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(scores) if scores else torch.empty(0)
-
-
-def reward_scores(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[Any],
-    responses: list[str],
-    batch_size: int = 32,
-) -> list[float]:
-    """Score (prompt, response) pairs the way RewardTrainer and GRPOTrainer feed a reward model.
-
-    Conversational prompts are rendered with the chat template (prompt + assistant turn); plain
-    text prompts are concatenated with the response and the EOS token.
-    """
-    sequences = []
-    for prompt, response in zip(prompts, responses):
-        if isinstance(prompt, list):
-            messages = [*prompt, {"role": "assistant", "content": response}]
-            sequences.append(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-        else:
-            sequences.append(tokenizer(prompt + response + tokenizer.eos_token)["input_ids"])
-    return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size).tolist()
 
 
 def pairwise_metrics(model: PreTrainedModel, dataset: Dataset, pad_token_id: int, batch_size: int = 32) -> dict:
@@ -151,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     pad_id = tokenizer.pad_token_id
 
-    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_dataset is not None else {}
+    eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     eval_after = trainer.evaluate() if eval_dataset is not None else {}
     held_out = pairwise_metrics(trainer.model, trainer.eval_dataset, pad_id) if eval_dataset is not None else {}

@@ -1,0 +1,59 @@
+"""Direct Preference Optimization with TRL's DPOTrainer: learn from preference pairs without a reward model.
+
+rlhf train recipes/tiny/dpo.yaml
+accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.dpo recipes/tiny/dpo.yaml
+
+The reference model is TRL's default: a frozen copy of the starting checkpoint, or, with
+`use_peft: true`, the same model with its adapters disabled (no second copy in memory). LoRA
+adapters are merged into the base on save, so the output loads as a plain causal LM.
+"""
+
+from __future__ import annotations
+
+from trl import DPOConfig, DPOTrainer, get_peft_config
+
+from rlhf.artifacts import finish_stage, start_stage
+from rlhf.callbacks import regularization_callbacks
+from rlhf.config import parse_recipe
+from rlhf.data import prepare_datasets
+from rlhf.distributed import evaluate_before_training
+from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe = parse_recipe(argv, DPOConfig, stage="dpo")
+    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+
+    train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "preference", training_args.seed)
+
+    tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    model = load_causal_lm(model_args, recipe.trust_remote_code)
+    align_generation_config(model, tokenizer)
+
+    final_dir, resume_from = start_stage(training_args)
+    trainer = DPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=regularization_callbacks(model_args),
+    )
+
+    eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    eval_after = trainer.evaluate() if eval_dataset is not None else {}
+    merge_adapters(trainer)
+    finish_stage(
+        trainer,
+        recipe,
+        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
+        final_dir,
+    )
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run
+
+    run(main)
