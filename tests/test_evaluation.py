@@ -74,17 +74,17 @@ def test_rlhf_eval_end_to_end(tiny_sft_checkpoint: Path, tiny_checkpoint: Path, 
     eval_main(
         [str(tiny_checkpoint), str(tiny_sft_checkpoint), "--recipe", "recipes/tiny/eval.yaml", "--output", str(out),
          "--reference_model_path", str(tiny_sft_checkpoint), "--reward_model_path", str(reward_dir),
-         "--num_prompts", "24", "--max_new_tokens", "12", "--num_safety_prompts", "32",
+         "--num_prompts", "16", "--max_new_tokens", "12", "--num_safety_prompts", "24",
          "--robustness_perturbations", "typos", "--num_perplexity_texts", "32", "--num_preference_pairs", "16"]
     )  # fmt: skip
     evaluation = json.loads((out / "eval.json").read_text())
     base, sft = evaluation["results"]["base"], evaluation["results"]["sft"]
     # The SFT model against itself: identical greedy answers (all ties) and zero KL.
-    assert sft["win_rate"]["win_rate"] == 0.5 and sft["win_rate"]["ties"] == 24
+    assert sft["win_rate"]["win_rate"] == 0.5 and sft["win_rate"]["ties"] == 16
     assert sft["metrics"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert base["metrics"]["kl"] > 1.0
     assert sft["metrics"]["rule_reward"] > base["metrics"]["rule_reward"]
-    assert sft["safety"]["num_harmful"] + sft["safety"]["num_benign"] == 32
+    assert sft["safety"]["num_harmful"] + sft["safety"]["num_benign"] == 24
     assert 0.0 <= sft["metrics"]["pairwise_accuracy"] <= 1.0 and sft["reward_model"]["num_pairs"] == 16
     assert set(sft["robustness"]["perturbed"]) == {"typos"}
     assert sft["metrics"]["perplexity"] < base["metrics"]["perplexity"]

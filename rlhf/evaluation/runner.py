@@ -194,6 +194,7 @@ class Judge:
         self.config = config
         self.rule = load_reward_function(config.rule_reward, "rule_reward") if config.rule_reward else None
         self.reward_model = models.reward_model(config.reward_model_path) if config.reward_model_path else None
+        self.pairwise: dict[str, Any] | None = None
         self.name = (
             f"reward model `{config.reward_model_path}`" if self.reward_model else f"rule `{config.rule_reward}`"
         )
@@ -320,7 +321,9 @@ def evaluate_checkpoint(checkpoint: str, config: EvalConfig, models: Models, jud
         if not config.reward_model_path:
             result["skipped"]["reward_model"] = "set reward_model_path"
         else:
-            result["reward_model"] = reward_model_accuracy(config, judge)
+            # A property of the reward model alone: computed once for all checkpoints.
+            judge.pairwise = judge.pairwise or reward_model_accuracy(config, judge)
+            result["reward_model"] = judge.pairwise
             metrics["pairwise_accuracy"] = result["reward_model"]["pairwise_accuracy"]
             lap("reward_model")
 
