@@ -54,7 +54,23 @@ def run_child(cmd: Sequence[str], threads: int = 1, log: Path | None = None) -> 
     if proc.returncode != 0:
         tail = log.read_text()[-3000:] if log else ""
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}\n{tail}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # all threads of the child: robust to other jobs' load
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # ru_maxrss is in KiB on Linux
+    }
+
+
+def launched(times: Path, *target: str) -> list[str]:
+    """Command running `target` (`-m module args…` or `script.py args…`) under benchmarks/_launch.py."""
+    times.unlink(missing_ok=True)
+    return [PYTHON, str(REPO / "benchmarks/_launch.py"), str(times), *target]
+
+
+def train_times(times: Path) -> dict[str, float]:
+    """CPU and wall seconds spent inside Trainer.train(), as _launch.py recorded them (summed over calls)."""
+    records = [json.loads(line) for line in times.read_text().splitlines() if line.strip()]
+    return {key: sum(r[key] for r in records) for key in ("train_cpu_s", "train_wall_s")}
 
 
 def trainer_log(output_dir: str | Path) -> dict[str, Any]:

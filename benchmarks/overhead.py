@@ -26,20 +26,21 @@ import shutil
 from pathlib import Path
 
 from _common import (
-    PYTHON,
     REPO,
     ensure_checkpoint,
+    launched,
     machine_note,
     median,
     print_table,
     run_child,
     spread,
+    train_times,
     trainer_log,
     write_jsonl,
     write_yaml,
 )
 
-STAGE_DATA = {"sft": ("sft", 960), "reward": ("preference", 640), "dpo": ("preference", 320)}
+STAGE_DATA = {"sft": ("sft", 640), "reward": ("preference", 480), "dpo": ("preference", 256)}
 COMMON = {
     "max_length": 128,
     "per_device_train_batch_size": 16,
@@ -70,14 +71,19 @@ def prepare(work: Path, stage: str) -> Path:
     return path
 
 
+def speed_ratios(pairs: list[tuple[dict, dict]], key: str) -> list[float]:
+    """Tokens per `key`-second of the rlhf run ÷ of the plain TRL run, one per repeat."""
+    return [(t["num_tokens"] / t[key]) / (p["num_tokens"] / p[key]) for t, p in pairs]
+
+
 def run_arm(arm: str, stage: str, checkpoint: Path, data: Path, work: Path, threads: int, tag: str) -> dict:
     out = work / f"{stage}-{arm}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     keys = {"model_name_or_path": str(checkpoint), "output_dir": str(out), **COMMON, **STAGE_KEYS[stage]}
     if arm == "plain":
         config = write_yaml(work / f"{stage}-plain.yaml", keys)
-        cmd = [PYTHON, str(REPO / "benchmarks/plain_trl" / f"{stage}.py"), "--config", str(config)]
-        cmd += ["--dataset_name", str(data)]
+        target = [str(REPO / "benchmarks/plain_trl" / f"{stage}.py"), "--config", str(config)]
+        target += ["--dataset_name", str(data)]
     else:
         toolkit = {"stage": stage, "dataset_name": str(data), "test_split_size": 0.0, "clean_deduplicate": False}
         if arm == "toolkit+eval":  # the default: synthetic data with its held-out split, eval before and after
@@ -85,9 +91,11 @@ def run_arm(arm: str, stage: str, checkpoint: Path, data: Path, work: Path, thre
             toolkit["synthetic_num_examples"] = STAGE_DATA[stage][1]
             toolkit["per_device_eval_batch_size"] = 32
         config = write_yaml(work / f"{stage}-{arm}.yaml", {**toolkit, **keys})
-        cmd = [PYTHON, "-m", f"rlhf.stages.{stage}", str(config)]
-    result = run_child(cmd, threads, log=work / f"{stage}-{arm}-{tag}.log")
+        target = ["-m", f"rlhf.stages.{stage}", str(config)]
+    times = work / f"{stage}-{arm}-{tag}.times"
+    result = run_child(launched(times, *target), threads, log=work / f"{stage}-{arm}-{tag}.log")
     result.update(trainer_log(out))
+    result.update(train_times(times))
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -118,39 +126,36 @@ def main() -> None:
                 runs[arm].append(run_arm(arm, stage, checkpoint, data, work, args.threads, str(repeat)))
                 r = runs[arm][-1]
                 print(
-                    f"  {stage} {arm:12s} #{repeat}: wall {r['wall_s']:.1f}s train {r['train_runtime']:.1f}s "
-                    f"tokens {r['num_tokens']} rss {r['peak_rss_mb']:.0f}MB",
+                    f"  {stage} {arm:12s} #{repeat}: wall {r['wall_s']:.1f}s cpu {r['cpu_s']:.1f}s, train wall "
+                    f"{r['train_wall_s']:.1f}s cpu {r['train_cpu_s']:.1f}s, tokens {r['num_tokens']:.0f}, "
+                    f"rss {r['peak_rss_mb']:.0f}MB",
                     flush=True,
                 )
         for arm in arms[:1] + arms[2:]:
             pairs = list(zip(runs[arm], runs["plain"]))
-            whole = [(t["num_tokens"] / t["wall_s"]) / (p["num_tokens"] / p["wall_s"]) for t, p in pairs]
-            train = [(t["num_tokens"] / t["train_runtime"]) / (p["num_tokens"] / p["train_runtime"]) for t, p in pairs]
-            rss = [t["peak_rss_mb"] / p["peak_rss_mb"] for t, p in pairs]
-            rows.append(
-                [
-                    f"{stage} ({arm})",
-                    median(whole),
-                    spread(whole),
-                    median(train),
-                    spread(train),
-                    median(rss),
-                    f"{median([p['wall_s'] for _, p in pairs]):.1f} / {median([t['wall_s'] for t, _ in pairs]):.1f}",
-                    f"{median([p['peak_rss_mb'] for _, p in pairs]):.0f} / {median([t['peak_rss_mb'] for t, _ in pairs]):.0f}",
-                    f"{pairs[0][1]['num_tokens']} / {pairs[0][0]['num_tokens']}",
-                ]
-            )
+
+            cells = [f"{stage} ({arm})"]
+            for key in ("cpu_s", "train_cpu_s", "wall_s", "train_wall_s"):
+                ratios = speed_ratios(pairs, key)
+                cells.append(f"{median(ratios):.3f} ({spread(ratios)})")
+            cells.append(median([t["peak_rss_mb"] / p["peak_rss_mb"] for t, p in pairs]))
+            for key in ("cpu_s", "train_cpu_s", "peak_rss_mb"):
+                cells.append(f"{median([p[key] for _, p in pairs]):.1f} / {median([t[key] for t, _ in pairs]):.1f}")
+            cells.append(f"{pairs[0][1]['num_tokens']:.0f} / {pairs[0][0]['num_tokens']:.0f}")
+            rows.append(cells)
     print(f"\nrlhf vs plain TRL ({machine_note()}, {args.threads} thread(s), {args.repeats} alternating repeats)")
     print("ratios are rlhf / plain TRL: tokens/s ≥ 0.98 and peak RSS ≤ 1.05 are the goals\n")
+    print("tokens/s per CPU-second is what the run costs (robust to other jobs); per wall-second is noisier\n")
     print_table(
         [
             "stage",
-            "tokens/s whole",
-            "range",
-            "tokens/s train-only",
-            "range",
+            "tokens/CPU-s whole (range)",
+            "tokens/CPU-s train-only",
+            "tokens/wall-s whole",
+            "tokens/wall-s train-only",
             "peak RSS",
-            "wall s plain / rlhf",
+            "CPU s whole plain / rlhf",
+            "CPU s train plain / rlhf",
             "RSS MB plain / rlhf",
             "tokens plain / rlhf",
         ],
