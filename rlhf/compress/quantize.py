@@ -5,7 +5,8 @@ rlhf quantize outputs/tiny/sft --method int4 --backend quanto --output outputs/t
 
 Backends: optimum-quanto (int8, int4; the default) and torchao (int8 on CPU; int4 needs a GPU).
 The quantized linear layers keep their weights in int8/int4 with per-channel or per-group scales;
-everything else (embeddings, norms) is stored in `--dtype` (bfloat16 by default). Every output is
+everything else (embeddings, norms) is stored in `--dtype` (float32 by default; bfloat16 halves
+it, which matters when the embedding is a large share of the model). Every output is
 reloaded and checked against the in-memory quantized model before it is published, so a format
 that does not round-trip (bitsandbytes 4-bit saved on CPU reloads silently wrong) never reaches a
 user. `load_quantized(path)` reloads any of them; the method is recorded in `quantization.json`.
@@ -39,7 +40,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 RELOAD_TOLERANCE = 1e-3
 
 
-def check_request(method: str, backend: str, cuda: bool | None = None) -> None:
+def check_request(method: str, backend: str, cuda: bool | None = None, dtype: str = "float32") -> None:
     """Refuse unsupported method/backend combinations and missing packages, before any model loads."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if method not in METHODS:
@@ -56,6 +57,12 @@ def check_request(method: str, backend: str, cuda: bool | None = None) -> None:
             "--backend torchao --method int4: torchao's int4 weight-only kernels need a CUDA GPU; "
             "use --backend quanto for int4 on CPU."
         )
+    if backend == "quanto" and method == "int8" and dtype == "bfloat16" and not cuda:
+        # quanto routes bf16 x int8 through torch._weight_int8pack_mm on CPU, which segfaulted here for a
+        # 64-wide model (torch 2.13); float32 takes the dequantizing path.
+        raise RecipeError("--dtype bfloat16 with --backend quanto --method int8 crashes on CPU; use --dtype float32.")
+    if dtype not in DTYPES:
+        raise RecipeError(f"--dtype: got {dtype!r}, expected one of {', '.join(DTYPES)}.")
     module, extra = BACKEND_PACKAGES[backend]
     if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
         raise RecipeError(
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("checkpoint")
     parser.add_argument("--method", required=True, help="int8 or int4 weight-only")
     parser.add_argument("--backend", default="quanto", help="quanto (default), torchao, bitsandbytes (int8)")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype of the unquantized tensors")
+    parser.add_argument("--dtype", default="float32", help="dtype of the unquantized tensors: " + ", ".join(DTYPES))
     parser.add_argument("--output", required=True, help="output checkpoint directory")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality measurements")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rlhf.modeling import check_model_source, load_tokenizer
 
     check_model_source(args.checkpoint, "CHECKPOINT")
-    check_request(args.method, args.backend)
+    check_request(args.method, args.backend, dtype=args.dtype)
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=args.checkpoint), args.trust_remote_code)
 
     report: dict[str, Any] = {"command": "quantize", "method": args.method, "backend": args.backend}
