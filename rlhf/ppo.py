@@ -4,7 +4,7 @@ TRL moved `PPOTrainer` to `trl.experimental` and removed it in 1.13. This module
 (`PPOConfig` fields, `objective/kl`-style log keys, `checkpoint-<step>/` folders) so a user of the old
 trainer feels at home, and assembles it from accelerate (`Accelerator`), transformers' trainer
 machinery (`TrainerState`, `TrainerControl`, `CallbackHandler`, `get_scheduler`) and TRL's utilities
-(`selective_log_softmax`, `entropy_from_logits`, `disable_dropout_in_model`, `create_reference_model`).
+(`selective_log_softmax`, `entropy_from_logits`, `disable_dropout_in_model`, `use_adapter`).
 
 One update = one rollout of `batch_size` prompts:
   generate → truncate after the stop token → logprobs (policy, reference), values, scores →
@@ -16,6 +16,7 @@ The math lives in small pure functions below (`response_mask`, `kl_penalty`, `co
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -45,7 +46,6 @@ from transformers import (
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import CallbackHandler, PrinterCallback
-from trl import create_reference_model
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from rlhf.config import RecipeError
@@ -429,7 +429,7 @@ class PPOTrainer:
             model = get_peft_model(model, peft_config)
         self.is_peft_model = _is_peft(model)
         if ref_model is None and not self.is_peft_model:
-            ref_model = create_reference_model(model)
+            ref_model = copy.deepcopy(model)  # frozen below
         # With LoRA the reference is the same base weights with the adapters switched off: one copy.
         self.ref_model = ref_model
         self.reward_model = reward_model
@@ -904,8 +904,8 @@ class PPOTrainer:
         args = self.args
         folder = Path(args.output_dir) / f"checkpoint-{self.state.global_step}"
         self.accelerator.wait_for_everyone()
+        folder.mkdir(parents=True, exist_ok=True)  # every rank: each writes its RNG state below
         if self.accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
             self._save_policy(folder)
             self.value_model.save_pretrained(folder / VALUE_MODEL_DIR, safe_serialization=True)
             self.processing_class.save_pretrained(folder)

@@ -6,7 +6,6 @@ accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.ppo r
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
@@ -24,29 +23,7 @@ from rlhf.modeling import (
 )
 from rlhf.ppo import PPOConfig, PPOTrainer
 from rlhf.rewards import load_reward_function
-
-logger = logging.getLogger(__name__)
-
-
-def check_reward_model(path: str, min_accuracy: float) -> float | None:
-    """Quality gate: refuse a reward model whose held-out accuracy is below `min_accuracy` (RecipeError)."""
-    try:
-        from rlhf.stages.reward import check_reward_quality
-    except ImportError:
-        check_reward_quality = None
-    if check_reward_quality is not None:
-        return check_reward_quality(path, min_accuracy)
-    # Without the reward stage's checker, trust the accuracy its metrics.json recorded.
-    if not (Path(path) / "metrics.json").exists():
-        logger.warning("reward_model_path %s has no metrics.json; skipping the quality gate", path)
-        return None
-    accuracy = read_metrics(path).get("eval", {}).get("eval_accuracy")
-    if accuracy is not None and accuracy < min_accuracy:
-        raise RecipeError(
-            f"reward_model_path: {path} has held-out accuracy {accuracy:.3f} < reward_min_accuracy {min_accuracy}; "
-            "train the reward model longer or on cleaner preferences, or lower reward_min_accuracy."
-        )
-    return accuracy
+from rlhf.stages.reward import check_reward_quality
 
 
 def reward_stats(path: str) -> dict[str, float] | None:
@@ -86,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     reward_accuracy = None
     if args.reward_model_path:
-        reward_accuracy = check_reward_model(args.reward_model_path, args.reward_min_accuracy)
+        reward_accuracy = check_reward_quality(args.reward_model_path, args.reward_min_accuracy)
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", args.seed)
 
