@@ -97,7 +97,7 @@ class PPOConfig(TrainingArguments):
         default=True, metadata={"help": "Standardise reward-model scores with the reward stage's reward_stats."}
     )
     reward_min_accuracy: float = field(
-        default=0.6, metadata={"help": "Quality gate: minimum held-out accuracy of the reward model."}
+        default=0.9, metadata={"help": "Quality gate: minimum held-out accuracy of the reward model."}
     )
     value_model_path: str | None = field(
         default=None, metadata={"help": "Value model start; default the reward model, else the policy + new head."}
@@ -919,6 +919,7 @@ class PPOTrainer:
                 "next_update": self.state.global_step,
             }
             (folder / PPO_STATE_FILE).write_text(json.dumps(ppo_state, indent=2))
+        folder.mkdir(parents=True, exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()

@@ -1,0 +1,342 @@
+"""PPO: the math against hand-computed values, and short real runs on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config import RecipeError
+from rlhf.ppo import (
+    AdaptiveKLController,
+    HealthMonitor,
+    compute_gae,
+    kl_penalty,
+    policy_loss,
+    response_mask,
+    value_loss,
+    whiten,
+)
+from tests.conftest import write_recipe
+
+# ---- the math -------------------------------------------------------------------------------
+
+
+def test_response_mask_keeps_tokens_up_to_and_including_the_first_stop_token():
+    responses = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 9, 9, 9]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(response_mask(responses, stop_token_id=1), expected)
+    assert response_mask(responses, stop_token_id=None).all()
+
+
+def test_kl_estimators_match_hand_computed_values():
+    logprobs, ref_logprobs = torch.log(torch.tensor([0.5, 0.25])), torch.log(torch.tensor([0.25, 0.25]))
+    # k1 = log p - log q; k3 = (q/p - 1) - log(q/p)
+    assert torch.allclose(kl_penalty(logprobs, ref_logprobs, "k1"), torch.tensor([math.log(2), 0.0]))
+    assert torch.allclose(kl_penalty(logprobs, ref_logprobs, "k3"), torch.tensor([-0.5 + math.log(2), 0.0]))
+
+
+def test_gae_matches_hand_computed_values_and_ignores_masked_tokens():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [0.2, 0.4, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    advantages, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: δ2 = 1 - .7 = .3; δ1 = .7 - .6 = .1 → A1 = .1 + .5·.3; δ0 = .6 - .5 = .1 → A0 = .1 + .5·.25
+    # row 1: the last token is masked (reward 5 and value 9 ignored): δ1 = 1 - .4 = .6; δ0 = .4 - .2 → A0 = .2 + .5·.6
+    assert torch.allclose(advantages, torch.tensor([[0.225, 0.25, 0.3], [0.5, 0.6, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.725, 0.85, 1.0], [0.7, 1.0, 0.0]]))
+    discounted, _ = compute_gae(rewards[:1], torch.zeros(1, 3), mask[:1], gamma=0.5, lam=1.0)
+    assert torch.allclose(discounted, torch.tensor([[0.25, 0.5, 1.0]]))
+
+
+def test_whiten_uses_masked_unbiased_statistics():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.allclose(whiten(values, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
+    assert torch.allclose(whiten(values, mask, shift_mean=False), torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-4)
+
+
+def test_clipped_policy_loss_matches_hand_computed_values():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.0, 3.0]]))
+    advantages = torch.tensor([[1.0, -1.0, 2.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)  # the last token is padding
+    loss, clipfrac, approx_kl = policy_loss(new, old, advantages, mask, cliprange=0.2)
+    # max(-A·r, -A·clip(r)): 1.5→max(-1.5,-1.2)=-1.2 (clipped); 0.5,A=-1→max(.5,.8)=.8 (clipped); r=1→-2
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.0) / 3, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    assert approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3, abs=1e-6)
+
+
+def test_clipped_value_loss_matches_hand_computed_values():
+    new, old = torch.tensor([[1.0, 0.0, 0.55]]), torch.tensor([[0.5, 0.5, 0.5]])
+    returns = torch.tensor([[1.0, 0.0, 0.6]])
+    loss, clipfrac = value_loss(new, old, returns, torch.ones(1, 3, dtype=torch.bool), cliprange_value=0.2)
+    # clipped values .7, .3, .55 → squared errors max(0, .09), max(0, .09), max(.0025, .0025)
+    assert loss.item() == pytest.approx(0.5 * (0.09 + 0.09 + 0.0025) / 3, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+
+
+def test_adaptive_kl_controller_moves_toward_the_target_with_clipped_error():
+    controller = AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=100)
+    controller.update(current_kl=60.0, num_episodes=10)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * 1.02)
+    controller.update(current_kl=5.4, num_episodes=10)  # error -0.1
+    assert controller.value == pytest.approx(0.1 * 1.02 * 0.99)
+
+
+def test_health_monitor_flags_kl_length_and_entropy():
+    monitor = HealthMonitor(max_kl=5.0, max_response_length_ratio=2.0, min_entropy=0.1)
+    healthy = {"objective/kl": 1.0, "response_length/mean": 4.0, "policy/entropy_rollout": 0.5}
+    assert monitor.check(healthy) == []
+    problems = monitor.check({"objective/kl": 9.0, "response_length/mean": 9.0, "policy/entropy_rollout": 0.01})
+    assert len(problems) == 3 and "max_kl" in problems[0] and "2.25×" in problems[1] and "min_entropy" in problems[2]
+
+
+# ---- short real runs ----------------------------------------------------------------------------
+
+CALLS = {"count": 0, "crash_after": None}
+
+
+def polite_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """A reward a tiny model learns in a minute: say sorry (a phrase the SFT model already knows)."""
+    return [float("sorry" in c[0]["content"].lower()) for c in completions]
+
+
+def crashing_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """polite_reward that raises after CALLS['crash_after'] calls: a run killed half-way."""
+    CALLS["count"] += 1
+    if CALLS["crash_after"] is not None and CALLS["count"] > CALLS["crash_after"]:
+        raise KeyboardInterrupt("simulated kill")
+    return polite_reward(prompts, completions)
+
+
+PPO_FAST = {
+    "report_to": "none",
+    "disable_tqdm": True,
+    "seed": 0,
+    "dataset_name": "synthetic:prompts",
+    "synthetic_num_examples": 400,
+    "max_eval_samples": 48,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 48,
+    "num_ppo_epochs": 4,
+    "response_length": 10,
+    "temperature": 1.0,
+    "learning_rate": 2e-3,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "save_strategy": "no",
+}
+
+
+def run_ppo(tmp_path: Path, name: str, checkpoint: Path, **keys) -> dict:
+    from rlhf.stages import ppo
+
+    out = tmp_path / name
+    recipe = write_recipe(
+        tmp_path / f"{name}.yaml",
+        stage="ppo",
+        model_name_or_path=str(checkpoint),
+        output_dir=str(out),
+        **{**PPO_FAST, **keys},
+    )
+    ppo.main([str(recipe)])
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def kl_runs(tiny_sft_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[float, dict]:
+    """The same short PPO run with a tiny and a large KL coefficient."""
+    tmp = tmp_path_factory.mktemp("ppo_kl")
+    return {
+        kl_coef: run_ppo(
+            tmp,
+            f"kl{kl_coef}",
+            tiny_sft_checkpoint,
+            reward_funcs=["tests.test_ppo:polite_reward"],
+            max_steps=10,
+            kl_coef=kl_coef,
+        )
+        for kl_coef in (0.0, 2.0)
+    }
+
+
+def test_ppo_raises_the_mean_reward(kl_runs: dict[float, dict]):
+    metrics = kl_runs[0.0]
+    assert metrics["eval"]["eval_reward"] > metrics["eval_before"]["eval_before_reward"] + 0.2, metrics
+    assert metrics["train"]["train_updates"] == 10
+    assert metrics["eval_before"]["eval_before_kl"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_large_kl_coef_keeps_the_policy_closer_to_the_reference(kl_runs: dict[float, dict]):
+    assert kl_runs[2.0]["eval"]["eval_kl"] < kl_runs[0.0]["eval"]["eval_kl"], (
+        kl_runs[2.0]["eval"],
+        kl_runs[0.0]["eval"],
+    )
+
+
+def build_reward_dir(checkpoint: Path, out: Path, accuracy: float) -> Path:
+    """A reward-stage-like output: a sequence classifier (random score head) and its metrics.json."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    metrics = {
+        "stage": "reward",
+        "accuracy": accuracy,
+        "eval": {"eval_accuracy": accuracy},
+        "reward_stats": {"mean": 0.1, "std": 2.0},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_sft_checkpoint: Path, tmp_path: Path):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import ModelConfig
+
+    from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
+    from rlhf.modeling import align_generation_config, load_causal_lm, load_sequence_classifier, load_tokenizer
+    from rlhf.ppo import PPOConfig, PPOTrainer
+    from rlhf.stages.ppo import reward_stats
+
+    reward_dir = build_reward_dir(tiny_sft_checkpoint, tmp_path / "reward", accuracy=0.9)
+    model_args = ModelConfig(model_name_or_path=str(tiny_sft_checkpoint))
+    tokenizer = load_tokenizer(model_args)
+    policy = load_causal_lm(model_args)
+    align_generation_config(policy, tokenizer)
+    base_numel = sum(p.numel() for p in policy.parameters())
+    reward_model = load_sequence_classifier(ModelConfig(model_name_or_path=str(reward_dir)), tokenizer)
+    value_model = load_sequence_classifier(ModelConfig(model_name_or_path=str(reward_dir)), tokenizer)
+    args = PPOConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=8,
+        num_ppo_epochs=2,
+        response_length=8,
+        max_steps=2,
+        learning_rate=5e-2,
+        save_strategy="no",
+        reward_weights=[0.5, 1.0],
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward_model,
+        train_dataset=make_synthetic_dataset("prompts", 64, seed=0),
+        value_model=value_model,
+        reward_funcs=[rule_reward],
+        reward_stats=reward_stats(str(reward_dir)),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    assert trainer.ref_model is None
+    # One base copy: the policy's distinct weight storages add up to the base model plus the small adapters.
+    storages = {p.data_ptr(): p.numel() for p in trainer.policy.parameters()}
+    adapters = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
+    assert sum(storages.values()) - adapters <= base_numel and 0 < adapters < base_numel / 10
+    trainer.train()
+
+    ids = torch.tensor(
+        [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hello!"}], add_generation_prompt=True, return_dict=False
+            )
+            + tokenizer("Hello! How can I help you", add_special_tokens=False)["input_ids"]
+        ]
+    )
+    mask = torch.ones_like(ids)
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_sft_checkpoint)
+    with torch.no_grad():
+        base_logits = fresh_base(input_ids=ids, attention_mask=mask).logits
+        with trainer.reference() as reference:
+            ref_logits = reference(input_ids=ids, attention_mask=mask).logits
+        policy_logits = trainer.policy(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ref_logits, base_logits, atol=1e-5)
+    assert not torch.allclose(policy_logits, base_logits, atol=1e-3)  # the adapters did train
+
+    trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids, attention_mask=mask).logits, policy_logits, atol=1e-4)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_sft_checkpoint: Path, tmp_path: Path):
+    keys = dict(
+        reward_funcs=["tests.test_ppo:crashing_reward"],
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        num_ppo_epochs=1,
+        max_eval_samples=16,
+    )
+    # One reward call evaluates before training, then one per update: crash during update 3.
+    CALLS.update(count=0, crash_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(tmp_path, "resume", tiny_sft_checkpoint, **keys)
+    incomplete = tmp_path / "resume.incomplete"
+    assert (incomplete / "checkpoint-2" / "optimizer.pt").exists() and not (tmp_path / "resume").exists()
+    saved = json.loads((incomplete / "checkpoint-2" / "ppo_state.json").read_text())
+    assert saved["next_update"] == 2
+
+    CALLS.update(count=0, crash_after=None)
+    metrics = run_ppo(tmp_path, "resume", tiny_sft_checkpoint, **keys)
+    assert metrics["train"]["train_updates"] == 4
+    history = json.loads((tmp_path / "resume" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
+    assert CALLS["count"] == 1 + 2 + 1  # eval before, updates 3 and 4 only, eval after
+    assert not incomplete.exists() and not list((tmp_path / "resume").glob("checkpoint-*"))
+
+
+def test_quality_gate_rejects_a_weak_reward_model(tiny_checkpoint: Path, tmp_path: Path):
+    from rlhf.stages import ppo
+
+    reward_dir = build_reward_dir(tiny_checkpoint, tmp_path / "reward", accuracy=0.5)
+    recipe = write_recipe(
+        tmp_path / "ppo.yaml",
+        stage="ppo",
+        model_name_or_path=str(tiny_checkpoint),
+        output_dir=str(tmp_path / "out"),
+        reward_model_path=str(reward_dir),
+        reward_min_accuracy=0.95,
+        **PPO_FAST,
+    )
+    with pytest.raises(RecipeError, match="(?i)accuracy"):
+        ppo.main([str(recipe)])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.incomplete").exists()
+
+
+def test_health_stop_keeps_the_last_good_policy(tiny_sft_checkpoint: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    # Entropy can never reach 100 nats: the first update trips the monitor, so nothing trained is kept.
+    metrics = run_ppo(
+        tmp_path,
+        "stop",
+        tiny_sft_checkpoint,
+        reward_funcs=["tests.test_ppo:polite_reward"],
+        max_steps=3,
+        num_ppo_epochs=1,
+        max_eval_samples=16,
+        min_entropy=100.0,
+        health_action="stop",
+    )
+    assert metrics["train"]["train_updates"] == 1 and "min_entropy" in metrics["train"]["stopped_by_health"]
+    assert metrics["health"][0]["action"] == "stop"
+    start, final = (
+        load_file(tiny_sft_checkpoint / "model.safetensors"),
+        load_file(tmp_path / "stop" / "model.safetensors"),
+    )
+    assert all(torch.equal(start[name], final[name]) for name in start)
+    assert metrics["eval"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)
