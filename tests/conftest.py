@@ -64,3 +64,39 @@ def tiny_sft_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     )
     sft.main([str(recipe)])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_checkpoint(tiny_sft_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model trained from the tiny SFT checkpoint on the world's refusal and greeting pairs (~15 s).
+
+    Fact pairs are left out: the tiny SFT fixture never saw the facts, so a short run cannot rank them.
+    """
+    from rlhf.data.synthetic import classify_prompt, make_synthetic_dataset
+    from rlhf.stages import reward
+
+    root = tmp_path_factory.mktemp("reward")
+    files = {}
+    for split, rows in (("train", 1200), ("test", 200)):
+        pairs = make_synthetic_dataset("preference", rows, seed=0, split=split)
+        pairs = pairs.filter(lambda r: classify_prompt(r["prompt"][0]["content"]) != "fact")
+        files[split] = root / f"{split}.jsonl"
+        pairs.to_json(files[split])
+    out = root / "reward"
+    recipe = write_recipe(
+        root / "reward.yaml",
+        stage="reward",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        dataset_name=str(files["train"]),
+        eval_dataset_name=str(files["test"]),
+        clean_deduplicate=False,
+        max_eval_samples=64,
+        max_length=96,
+        num_train_epochs=1,
+        learning_rate=3e-3,
+        reward_stats_samples=64,
+        output_dir=str(out),
+        **{**FAST_TRAINING, "per_device_train_batch_size": 16},
+    )
+    reward.main([str(recipe)])
+    return out
