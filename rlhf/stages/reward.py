@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, set_seed
 from trl import RewardConfig, RewardTrainer, get_peft_config
 from trl.trainer.utils import pad
 
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "preference", training_args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    set_seed(training_args.seed)  # the new score head is drawn at load time: seed it for reproducible runs
     model = load_sequence_classifier(model_args, tokenizer, num_labels=1, trust_remote_code=recipe.trust_remote_code)
 
     final_dir, resume_from = start_stage(training_args)
