@@ -90,7 +90,7 @@ def main() -> None:
 
     timings = {}
     for stage in stages if args.train is None else [s for s in args.train.split(",") if s]:
-        extra = ["--reward_model_name_or_path", str(out / "reward")] if stage == "grpo" else []
+        extra = ["--reward_model_path", str(out / "reward")] if stage == "grpo" else []
         timings[stage] = train(stage, out, extra)
         print(
             f"trained {stage}: {timings[stage]['wall_s']:.0f} s wall, {timings[stage]['cpu_s']:.0f} CPU-s", flush=True

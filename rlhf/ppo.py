@@ -49,6 +49,7 @@ from transformers.trainer_callback import CallbackHandler, PrinterCallback
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from rlhf.config import RecipeError
+from rlhf.rewards import RewardSourceArguments
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ VALUE_MODEL_DIR = "value_model"
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(TrainingArguments, RewardSourceArguments):
     """PPO settings: TRL 1.12's `PPOConfig` names, plus an adaptive KL controller, reward mixing and a health monitor.
 
     Batch sizes follow TRL: one update uses `batch_size = per_device_train_batch_size ×
@@ -84,25 +85,15 @@ class PPOConfig(TrainingArguments):
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of a response without the stop token."}
     )
-    reward_model_path: str | None = field(
-        default=None, metadata={"help": "Sequence-classification reward model (e.g. outputs/tiny/reward)."}
-    )
-    reward_funcs: list[str] | None = field(
-        default=None, metadata={"help": "Python reward functions as package.module:function (TRL signature)."}
-    )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward model (first) and each reward function."}
     )
     normalize_reward: bool = field(
         default=True, metadata={"help": "Standardise reward-model scores with the reward stage's reward_stats."}
     )
-    reward_min_accuracy: float = field(
-        default=0.9, metadata={"help": "Quality gate: minimum held-out accuracy of the reward model."}
-    )
     value_model_path: str | None = field(
         default=None, metadata={"help": "Value model start; default the reward model, else the policy + new head."}
     )
-    num_ppo_epochs_value_warmup: int = field(default=0, metadata={"help": "Updates that train only the value head."})
     ref_adapter_name: str | None = field(default=None, metadata={"help": "LoRA: adapter used as reference."})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial value if adaptive)."})
     kl_estimator: Literal["k1", "k3"] = field(

@@ -28,14 +28,14 @@ def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable[...
 
 @dataclass
 class RewardSourceArguments:
-    """Recipe keys naming the rewards of an online RL stage (GRPO, RLOO), with TRL's script names.
+    """Recipe keys naming the rewards of an online RL stage (PPO, GRPO, RLOO).
 
-    `reward_model_name_or_path` is a reward model directory (the reward stage's output) or Hub id;
+    `reward_model_path` is a reward model directory (the reward stage's output) or Hub id;
     `reward_funcs` lists Python reward functions as `package.module:function`. With several
     sources, their order (reward model first) is the order of TRL's `reward_weights`.
     """
 
-    reward_model_name_or_path: str | None = None
+    reward_model_path: str | None = None
     reward_funcs: list[str] | None = None
     reward_min_accuracy: float = 0.9
 
@@ -50,14 +50,14 @@ def resolve_reward_sources(args: RewardSourceArguments) -> list[str | Callable[.
     from rlhf.stages.reward import check_reward_quality
 
     sources: list[str | Callable[..., list[float]]] = []
-    if args.reward_model_name_or_path:
-        check_model_source(args.reward_model_name_or_path, field="reward_model_name_or_path")
-        check_reward_quality(args.reward_model_name_or_path, args.reward_min_accuracy)
-        sources.append(args.reward_model_name_or_path)
+    if args.reward_model_path:
+        check_model_source(args.reward_model_path, field="reward_model_path")
+        check_reward_quality(args.reward_model_path, args.reward_min_accuracy)
+        sources.append(args.reward_model_path)
     sources.extend(load_reward_function(spec) for spec in args.reward_funcs or [])
     if not sources:
         raise RecipeError(
-            f"reward_funcs: no reward source; set `reward_model_name_or_path` (a reward stage output) and/or "
+            f"reward_funcs: no reward source; set `reward_model_path` (a reward stage output) and/or "
             f"`reward_funcs: [{RULE_REWARD}]`."
         )
     weights = getattr(args, "reward_weights", None)

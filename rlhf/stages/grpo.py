@@ -4,7 +4,7 @@ rlhf train recipes/tiny/grpo.yaml
 accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.grpo recipes/tiny/grpo.yaml
 
 For each prompt the policy samples `num_generations` completions; each is scored by every reward
-source (`reward_model_name_or_path`, then `reward_funcs`, weighted by `reward_weights`) and its
+source (`reward_model_path`, then `reward_funcs`, weighted by `reward_weights`) and its
 advantage is its reward relative to its group. `beta > 0` adds a KL penalty to the starting model
 (with LoRA, the adapter-disabled policy serves as that reference).
 """
@@ -26,7 +26,7 @@ from rlhf.rewards import RewardSourceArguments, resolve_reward_sources
 
 @dataclass
 class GRPOStageConfig(GRPOConfig, RewardSourceArguments):
-    """GRPOConfig plus the reward sources (reward_model_name_or_path, reward_funcs, reward_min_accuracy)."""
+    """GRPOConfig plus the reward sources (reward_model_path, reward_funcs, reward_min_accuracy)."""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from trl import ModelConfig, get_peft_config
 
 from rlhf.artifacts import finish_stage, read_metrics, start_stage
-from rlhf.config import RecipeError, parse_recipe
+from rlhf.config import parse_recipe
 from rlhf.data import prepare_datasets
 from rlhf.data.load import sources
 from rlhf.modeling import (
@@ -22,8 +22,7 @@ from rlhf.modeling import (
     load_tokenizer,
 )
 from rlhf.ppo import PPOConfig, PPOTrainer
-from rlhf.rewards import load_reward_function
-from rlhf.stages.reward import check_reward_quality
+from rlhf.rewards import resolve_reward_sources
 
 
 def reward_stats(path: str) -> dict[str, float] | None:
@@ -45,25 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     recipe = parse_recipe(argv, PPOConfig, stage="ppo")
     model_args, data_args, args = recipe.model, recipe.data, recipe.training
 
-    # Every reward source is checked before any model loads.
-    if not args.reward_model_path and not args.reward_funcs:
-        raise RecipeError(
-            "reward_model_path / reward_funcs: PPO needs a reward; set reward_model_path (a reward stage output) "
-            "and/or reward_funcs (e.g. [rlhf.data.synthetic:rule_reward])."
-        )
-    for name in ("reward_model_path", "value_model_path"):
-        if getattr(args, name):
-            check_model_source(getattr(args, name), name)
-    reward_funcs = [load_reward_function(spec) for spec in args.reward_funcs or []]
-    num_sources = bool(args.reward_model_path) + len(reward_funcs)
-    if args.reward_weights is not None and len(args.reward_weights) != num_sources:
-        raise RecipeError(
-            f"reward_weights: {len(args.reward_weights)} weights for {num_sources} reward sources; give one per "
-            "source, the reward model first and then each of reward_funcs."
-        )
-    reward_accuracy = None
-    if args.reward_model_path:
-        reward_accuracy = check_reward_quality(args.reward_model_path, args.reward_min_accuracy)
+    # Every reward source is checked (and the reward model's quality gated) before any model loads.
+    reward_sources = resolve_reward_sources(args)
+    reward_funcs = [source for source in reward_sources if callable(source)]
+    reward_accuracy = read_metrics(args.reward_model_path).get("accuracy") if args.reward_model_path else None
+    if args.value_model_path:
+        check_model_source(args.value_model_path, "value_model_path")
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", args.seed)
 
