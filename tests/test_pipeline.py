@@ -101,3 +101,59 @@ def test_preflight_catches_a_broken_recipe_before_any_stage_runs(tmp_path):
     with pytest.raises(RecipeError, match="unknown recipe key `learning_rat`"):
         run_pipeline(load_pipeline(str(path)))
     assert not (tmp_path / "out" / "base").exists()
+
+
+def test_pipeline_killed_mid_ppo_resumes_with_the_same_command(tmp_path):
+    """SIGKILL the pipeline while PPO runs; the same command skips finished stages and resumes PPO."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = _write_pipeline(tmp_path)
+    ppo_recipe = tmp_path / "ppo.yaml"
+    ppo_recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "ppo",
+                "model_name_or_path": "wired-by-pipeline",
+                "output_dir": "wired-by-pipeline",
+                "dataset_name": "synthetic:prompts",
+                "synthetic_num_examples": 64,
+                "reward_funcs": ["rlhf.data.synthetic:rule_reward"],
+                "max_steps": 10,
+                "per_device_train_batch_size": 4,
+                "num_ppo_epochs": 1,
+                "response_length": 6,
+                "max_eval_samples": 8,
+                "save_strategy": "steps",
+                "save_steps": 1,
+                "report_to": "none",
+                "disable_tqdm": True,
+            }
+        )
+    )
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["stages"].insert(2, {"name": "ppo", "recipe": str(ppo_recipe), "inputs": {"model_name_or_path": "sft"}})
+    pipeline["stages"][-1]["input"] = ["sft", "ppo"]
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    out = tmp_path / "out"
+
+    command = [sys.executable, "-m", "rlhf.pipeline", str(path)]
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "ppo.incomplete").glob("checkpoint-2/ppo_state.json")):
+        assert process.poll() is None, "the pipeline ended before PPO could be killed"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "sft").is_dir() and not (out / "ppo").exists() and not (out / "eval").exists()
+
+    # The same command again: finished stages are skipped, PPO continues from its last checkpoint.
+    summary = run_pipeline(load_pipeline(str(path)))
+    assert _statuses(summary) == {"base": "cached", "sft": "cached", "ppo": "ran", "eval": "ran"}
+    ppo_metrics = json.loads((out / "ppo" / "metrics.json").read_text())
+    assert Path(ppo_metrics["resumed_from"]).name.startswith("checkpoint-")
+    assert ppo_metrics["train"]["train_updates"] == 10
+    assert "| ppo |" in (out / "report.md").read_text()

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             "reward_model_accuracy": reward_accuracy,
             "reward_stats": stats,
             "data": data_report,
+            "resumed_from": resume_from,
         },
         final_dir,
     )
