@@ -57,10 +57,16 @@ def score_token_ids(
     return torch.cat(scores) if scores else torch.empty(0)
 
 
-def pairwise_metrics(model: PreTrainedModel, dataset: Dataset, pad_token_id: int, batch_size: int = 32) -> dict:
-    """Exact pairwise accuracy and mean margin (chosen − rejected) over a tokenized preference dataset."""
+def score_pairs(
+    model: PreTrainedModel, dataset: Dataset, pad_token_id: int, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and of the rejected responses of a tokenized preference dataset."""
     chosen = score_token_ids(model, dataset["chosen_ids"], pad_token_id, batch_size)
-    rejected = score_token_ids(model, dataset["rejected_ids"], pad_token_id, batch_size)
+    return chosen, score_token_ids(model, dataset["rejected_ids"], pad_token_id, batch_size)
+
+
+def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Exact pairwise accuracy and mean margin (chosen − rejected)."""
     return {
         "accuracy": (chosen > rejected).float().mean().item(),
         "margin": (chosen - rejected).mean().item(),
@@ -68,15 +74,9 @@ def pairwise_metrics(model: PreTrainedModel, dataset: Dataset, pad_token_id: int
     }
 
 
-def reward_statistics(model: PreTrainedModel, dataset: Dataset, pad_token_id: int, num_samples: int) -> dict:
-    """Mean and std of the scores of chosen and rejected responses over a sample of training pairs."""
-    sample = dataset.select(range(min(num_samples, len(dataset))))
-    scores = torch.cat(
-        [
-            score_token_ids(model, sample["chosen_ids"], pad_token_id),
-            score_token_ids(model, sample["rejected_ids"], pad_token_id),
-        ]
-    )
+def reward_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Mean and std of all scores, which PPO uses to standardise rewards."""
+    scores = torch.cat([chosen, rejected])
     return {"mean": scores.mean().item(), "std": scores.std().item(), "num_scores": len(scores)}
 
 
@@ -133,11 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     eval_after = trainer.evaluate() if eval_dataset is not None else {}
-    held_out = pairwise_metrics(trainer.model, trainer.eval_dataset, pad_id) if eval_dataset is not None else {}
-    train_pairs = pairwise_metrics(
-        trainer.model, trainer.train_dataset.select(range(min(512, len(trainer.train_dataset)))), pad_id
+    held_out = (
+        pairwise_metrics(*score_pairs(trainer.model, trainer.eval_dataset, pad_id)) if eval_dataset is not None else {}
     )
-    stats = reward_statistics(trainer.model, trainer.train_dataset, pad_id, training_args.reward_stats_samples)
+    # One scoring pass over a training sample gives both the train accuracy and the reward statistics.
+    train_sample = trainer.train_dataset.select(
+        range(min(training_args.reward_stats_samples, len(trainer.train_dataset)))
+    )
+    train_scores = score_pairs(trainer.model, train_sample, pad_id)
+    train_pairs = pairwise_metrics(*train_scores)
+    stats = reward_statistics(*train_scores)
     merge_adapters(trainer)
     finish_stage(
         trainer,
