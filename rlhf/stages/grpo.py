@@ -29,8 +29,9 @@ class GRPOStageConfig(GRPOConfig, RewardSourceArguments):
     """GRPOConfig plus the reward sources (reward_model_path, reward_funcs, reward_min_accuracy)."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    recipe = parse_recipe(argv, GRPOStageConfig, stage="grpo")
+def train_online_rl(argv: list[str] | None, config_class: type, trainer_class: type, stage: str) -> None:
+    """The GRPO/RLOO stage body: TRL's two group-sampling trainers take the same arguments."""
+    recipe = parse_recipe(argv, config_class, stage=stage)
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
     reward_funcs = resolve_reward_sources(training_args)
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     # Evaluation generates completions for every held-out prompt: run it only when eval_strategy asks for it.
     evaluate = eval_dataset is not None and training_args.eval_strategy != "no"
     final_dir, resume_from = start_stage(training_args)
-    trainer = GRPOTrainer(
+    trainer = trainer_class(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
         final_dir,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    train_online_rl(argv, GRPOStageConfig, GRPOTrainer, "grpo")
 
 
 if __name__ == "__main__":

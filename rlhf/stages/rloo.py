@@ -13,15 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trl import RLOOConfig, RLOOTrainer, get_peft_config
+from trl import RLOOConfig, RLOOTrainer
 
-from rlhf.artifacts import finish_stage, start_stage
-from rlhf.callbacks import regularization_callbacks
-from rlhf.config import parse_recipe
-from rlhf.data import prepare_datasets
-from rlhf.distributed import evaluate_before_training
-from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
-from rlhf.rewards import RewardSourceArguments, resolve_reward_sources
+from rlhf.rewards import RewardSourceArguments
+from rlhf.stages.grpo import train_online_rl
 
 
 @dataclass
@@ -30,40 +25,7 @@ class RLOOStageConfig(RLOOConfig, RewardSourceArguments):
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe = parse_recipe(argv, RLOOStageConfig, stage="rloo")
-    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
-    reward_funcs = resolve_reward_sources(training_args)
-
-    train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", training_args.seed)
-
-    tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
-    model = load_causal_lm(model_args, recipe.trust_remote_code)
-    align_generation_config(model, tokenizer)
-
-    # Evaluation generates completions for every held-out prompt: run it only when eval_strategy asks for it.
-    evaluate = eval_dataset is not None and training_args.eval_strategy != "no"
-    final_dir, resume_from = start_stage(training_args)
-    trainer = RLOOTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset if evaluate else None,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=regularization_callbacks(model_args),
-    )
-
-    eval_before = evaluate_before_training(trainer) if evaluate else {}
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-    eval_after = trainer.evaluate() if evaluate else {}
-    merge_adapters(trainer)
-    finish_stage(
-        trainer,
-        recipe,
-        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
-        final_dir,
-    )
+    train_online_rl(argv, RLOOStageConfig, RLOOTrainer, "rloo")
 
 
 if __name__ == "__main__":
