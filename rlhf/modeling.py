@@ -136,7 +136,15 @@ def _config_with_dropout(model_args: ModelConfig, trust_remote_code: bool) -> di
 def load_causal_lm(
     model_args: ModelConfig, trust_remote_code: bool = False, from_scratch: bool = False
 ) -> PreTrainedModel:
-    """Load a causal LM (or initialise one from its config when `from_scratch`)."""
+    """Load a causal LM (or initialise one from its config when `from_scratch`).
+
+    A directory written by `rlhf quantize` loads through its quantization backend, so every command
+    (eval, chat, generate) accepts quantized checkpoints too.
+    """
+    if (Path(model_args.model_name_or_path) / "quantization.json").exists():
+        from rlhf.compress.quantize import load_quantized
+
+        return load_quantized(model_args.model_name_or_path, trust_remote_code)
     kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
     if from_scratch:
         config = kwargs.get("config") or AutoConfig.from_pretrained(
