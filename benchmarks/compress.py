@@ -28,6 +28,8 @@ ARMS = {
     "sparse50": ("prune", ["--method", "magnitude", "--sparsity", "0.5"]),
     "mlp50": ("prune", ["--method", "structured", "--mlp-keep", "0.5"]),
     "distill": ("distill", []),
+    # Minitron-style: structured-prune the teacher to ~28% of its parameters, then distill into that.
+    "prune-distill": ("distill", ["--method", "structured", "--mlp-keep", "0.125", "--heads-keep", "0.5"]),
 }
 
 
@@ -38,10 +40,18 @@ def run_arm(name: str, teacher: str, work: Path, recovery_steps: int) -> dict:
         from rlhf.stages import distill
 
         if not (out / "metrics.json").exists():
-            distill.main(
-                [str(REPO / "recipes/tiny/distill.yaml"), "--teacher_model_name_or_path", teacher]
-                + ["--model_name_or_path", teacher, "--output_dir", str(out), "--save_strategy", '"no"']
-            )
+            argv = [str(REPO / "recipes/tiny/distill.yaml"), "--teacher_model_name_or_path", teacher]
+            argv += ["--model_name_or_path", teacher, "--output_dir", str(out), "--save_strategy", '"no"']
+            if extra:
+                from rlhf.compress.prune import main as prune
+
+                seed = work / f"{name}-seed"
+                if not (seed / "config.json").exists():
+                    prune([teacher, *extra, "--output", str(seed), "--no-eval"])
+                argv += ["--model_name_or_path", str(seed)]
+                argv += [f"--student_{key}" for key in ("hidden_size", "num_layers", "num_attention_heads")]
+                argv = [a if not a.startswith("--student_") else a + "=null" for a in argv]
+            distill.main(argv)
         metrics = json.loads((out / "metrics.json").read_text())
         from rlhf.compress import weights_size_bytes
 
