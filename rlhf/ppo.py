@@ -735,6 +735,7 @@ class PPOTrainer:
                         self.accelerator.backward(pg_loss + args.vf_coef * vf_loss)
                         if self.accelerator.sync_gradients and args.max_grad_norm:
                             self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
                         self.optimizer.step()
                         self.optimizer.zero_grad()
                     stats["pg_loss"].append(pg_loss.item())

@@ -28,6 +28,7 @@ from trl import DistillationConfig, DistillationTrainer, ModelConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from rlhf.artifacts import finish_stage, start_stage
+from rlhf.callbacks import regularization_callbacks
 from rlhf.config import Recipe, RecipeError, parse_recipe
 from rlhf.data import prepare_datasets
 from rlhf.modeling import align_generation_config, check_model_source, load_causal_lm, load_tokenizer
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
+            callbacks=regularization_callbacks(model_args),
         )
     elif mode == "gkd":
         trainer = GKDTrainer(
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
+            callbacks=regularization_callbacks(model_args),
         )
     else:
         tokenizer.padding_side = "left"  # DistillationTrainer generates from left-padded prompts
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
+            callbacks=regularization_callbacks(model_args),
         )
 
     train_result = trainer.train(resume_from_checkpoint=resume_from)

@@ -11,6 +11,7 @@ from pathlib import Path
 from trl import ModelConfig, get_peft_config
 
 from rlhf.artifacts import finish_stage, read_metrics, start_stage
+from rlhf.callbacks import regularization_callbacks
 from rlhf.config import parse_recipe
 from rlhf.data import prepare_datasets
 from rlhf.data.load import sources
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         reward_processing_class=reward_tokenizer,
         reward_stats=stats,
         peft_config=get_peft_config(model_args),
+        callbacks=regularization_callbacks(model_args),
     )
     extra = {}
     if all(entry["path"].startswith("synthetic:") for entry in sources(data_args)):
