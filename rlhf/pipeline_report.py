@@ -17,14 +17,6 @@ HEADLINE_COLUMNS = [
     ("refusal (harmful)", "refusal_rate"),
     ("false refusal", "false_refusal_rate"),
 ]
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-
-
-def weights_size(path: Path) -> int:
-    """Bytes of model weights in a checkpoint directory."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
@@ -51,25 +43,24 @@ def _eval_results(pipeline: Any) -> tuple[dict[str, dict[str, Any]], Path | None
     return results, last
 
 
-def _compress_metrics(stage_dir: Path) -> dict[str, Any]:
-    for name in ("compress_report.json", "metrics.json"):
-        path = stage_dir / name
-        if path.exists():
-            return json.loads(path.read_text())
-    return {}
+def _latency(pipeline: Any, name: str) -> float | None:
+    """CPU generation latency (ms/token, batch 1) of a stage's model, measured once per fingerprint."""
+    from rlhf.compress import latency_ms_per_token
+    from rlhf.config import ModelArguments
+    from rlhf.modeling import load_causal_lm, load_tokenizer
 
-
-def _latency(metrics: dict[str, Any]) -> float | None:
-    """Generation latency (ms/token) from a compression report, wherever it sits in it."""
-    for key in ("latency_ms_per_token", "ms_per_token"):
-        if key in metrics:
-            return metrics[key]
-    for section in ("after", "student", "quantized", "pruned"):
-        if isinstance(metrics.get(section), dict):
-            found = _latency(metrics[section])
-            if found is not None:
-                return found
-    return None
+    stage_dir = pipeline.stage_dir(name)
+    lineage = stage_dir / "lineage.json"
+    if not (stage_dir / "config.json").exists() or not lineage.exists():
+        return None
+    cache_path = pipeline.state_dir / "latency.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    key = f"{name}:{json.loads(lineage.read_text()).get('fingerprint')}"
+    if key not in cache:
+        args = ModelArguments(model_name_or_path=str(stage_dir))
+        cache[key] = latency_ms_per_token(load_causal_lm(args), load_tokenizer(args))
+        cache_path.write_text(json.dumps(cache, indent=2))
+    return cache[key]
 
 
 def _plot_bars(results: dict[str, dict[str, Any]], key: str, title: str, path: Path) -> Path | None:
@@ -123,6 +114,7 @@ def _lineage_lines(lineage: dict[str, Any], depth: int = 0) -> list[str]:
 
 def write_report(pipeline: Any, summary: dict[str, Any]) -> Path:
     """Write `<output_dir>/report.md` and `report.html`; return the Markdown path."""
+    from rlhf.compress import weights_size_bytes
     from rlhf.evaluation.report import markdown_to_html
 
     out = pipeline.output_dir
@@ -139,8 +131,8 @@ def write_report(pipeline: Any, summary: dict[str, Any]) -> Path:
     for name, result in results.items():
         metrics = result.get("metrics", {})
         stage_dir = pipeline.stage_dir(name)
-        size = f"{weights_size(stage_dir) / 2**20:.2f} MiB" if stage_dir.is_dir() else None
-        latency = _latency(_compress_metrics(stage_dir)) if stage_dir.is_dir() else None
+        size = f"{weights_size_bytes(stage_dir) / 2**20:.2f} MiB" if stage_dir.is_dir() else None
+        latency = _latency(pipeline, name)
         rows.append([name, *(metrics.get(key) for _, key in HEADLINE_COLUMNS), size, latency])
     lines += _table(header, rows) if rows else ["(no eval stage in this pipeline)"]
     lines += [""]
