@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 
 
-def wrap_finish_stage(module, report: dict) -> None:
-    """Record cross-rank parameter agreement and publication around the stage's own finish_stage."""
+def wrap_finish_stage(module, report: dict):
+    """Record cross-rank parameter agreement and publication around the stage's own finish_stage.
+
+    Returns a function that puts the real finish_stage back.
+    """
     real_finish_stage = module.finish_stage
 
     def finish_stage_and_check(trainer, recipe, metrics, final):
@@ -43,6 +46,7 @@ def wrap_finish_stage(module, report: dict) -> None:
         return result
 
     module.finish_stage = finish_stage_and_check
+    return lambda: setattr(module, "finish_stage", real_finish_stage)
 
 
 def main() -> None:
@@ -57,8 +61,13 @@ def main() -> None:
     def run_all(_argv) -> None:
         for stage, argv in runs:
             module = importlib.import_module(f"rlhf.stages.{stage}")
-            wrap_finish_stage(module, reports.setdefault(stage, {}))
-            module.main(argv)
+            # RLOO runs the GRPO stage body, so its finish_stage is looked up in rlhf.stages.grpo.
+            body = importlib.import_module("rlhf.stages.grpo") if stage == "rloo" else module
+            restore = wrap_finish_stage(body, reports.setdefault(stage, {}))
+            try:
+                module.main(argv)
+            finally:
+                restore()
 
     from rlhf.cli import run
 
