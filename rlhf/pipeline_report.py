@@ -17,6 +17,8 @@ HEADLINE_COLUMNS = [
     ("refusal (harmful)", "refusal_rate"),
     ("false refusal", "false_refusal_rate"),
 ]
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"

@@ -19,7 +19,9 @@ def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable[...
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise RecipeError(f"{field}: cannot import module {module_name!r} ({error}); check the path and PYTHONPATH.") from None
+        raise RecipeError(
+            f"{field}: cannot import module {module_name!r} ({error}); check the path and PYTHONPATH."
+        ) from None
     function = getattr(module, attribute, None)
     if not callable(function):
         raise RecipeError(f"{field}: {module_name!r} has no function {attribute!r}.")
