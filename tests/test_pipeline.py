@@ -157,3 +157,15 @@ def test_pipeline_killed_mid_ppo_resumes_with_the_same_command(tmp_path):
     assert Path(ppo_metrics["resumed_from"]).name.startswith("checkpoint-")
     assert ppo_metrics["train"]["train_updates"] == 10
     assert "| ppo |" in (out / "report.md").read_text()
+
+
+def test_training_stages_run_under_accelerate_launch_when_configured(tmp_path):
+    path = _write_pipeline(tmp_path, sft_steps=2)
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["accelerate_config"] = str(Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu.yaml")
+    pipeline["stages"] = pipeline["stages"][:2]  # base + sft
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    summary = run_pipeline(load_pipeline(str(path)))
+    assert _statuses(summary) == {"base": "ran", "sft": "ran"}
+    metrics = json.loads((tmp_path / "out" / "sft" / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["train"]["train_runtime"] > 0
