@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 
 INCOMPLETE_SUFFIX = ".incomplete"
 METRICS_FILE = "metrics.json"
@@ -62,8 +61,30 @@ def start_stage(training_args: Any) -> tuple[Path, str | None]:
     tmp = incomplete_dir(final)
     tmp.mkdir(parents=True, exist_ok=True)
     training_args.output_dir = str(tmp)
-    resume = training_args.resume_from_checkpoint or get_last_checkpoint(str(tmp))
+    resume = training_args.resume_from_checkpoint or last_complete_checkpoint(tmp)
     return final, resume
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N/` that finished writing (None if there is none).
+
+    Trainers write `trainer_state.json` last, so a checkpoint killed mid-write lacks it or holds a
+    truncated copy; such a folder is skipped, never resumed from.
+    """
+    checkpoints = sorted(
+        (p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        try:
+            for state_file in checkpoint.glob("*.json"):
+                json.loads(state_file.read_text())
+            if (checkpoint / "trainer_state.json").exists():
+                return str(checkpoint)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return None
 
 
 def write_json(path: str | Path, data: Any) -> None:

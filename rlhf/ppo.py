@@ -903,7 +903,12 @@ class PPOTrainer:
             self.processing_class.save_pretrained(folder)
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
-            self.state.save_to_json(str(folder / TRAINER_STATE_FILE))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, folder / f"rng_state_{self.accelerator.process_index}.pth")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
             ppo_state = {
                 "kl_coef": self.kl_controller.value,
                 "initial_response_length": self.health.initial_response_length,
@@ -911,11 +916,8 @@ class PPOTrainer:
                 "next_update": self.state.global_step,
             }
             (folder / PPO_STATE_FILE).write_text(json.dumps(ppo_state, indent=2))
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, folder / f"rng_state_{self.accelerator.process_index}.pth")
+            # Written last, as transformers.Trainer does: its presence marks a complete checkpoint.
+            self.state.save_to_json(str(folder / TRAINER_STATE_FILE))
         if self._last_good is not None:
             self._last_good = self._snapshot()
         self.accelerator.wait_for_everyone()

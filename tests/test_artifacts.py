@@ -60,3 +60,16 @@ def test_killed_sft_leaves_no_output_and_rerun_resumes(tiny_checkpoint, tmp_path
     metrics = read_metrics(out)
     assert metrics["resumed_from"] and Path(metrics["resumed_from"]).name.startswith("checkpoint-")
     assert not checkpoint_dir.exists()
+
+
+def test_a_checkpoint_killed_mid_write_is_never_resumed_from(tmp_path):
+    from rlhf.artifacts import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "optimizer.pt").write_bytes(b"")  # killed before its state was written
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
