@@ -27,11 +27,6 @@ def incomplete_dir(output_dir: str | Path) -> Path:
     return output_dir.with_name(output_dir.name + INCOMPLETE_SUFFIX)
 
 
-def is_complete(output_dir: str | Path) -> bool:
-    """True when `output_dir` holds a finished stage output."""
-    return (Path(output_dir) / METRICS_FILE).exists() or (Path(output_dir) / "config.json").exists()
-
-
 def publish_dir(tmp: Path, final: Path) -> None:
     """Atomically replace `final` with the finished `tmp` (same filesystem, so a rename)."""
     replaced = final.with_name(final.name + ".replaced")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -37,7 +39,7 @@ import yaml
 
 import rlhf
 from rlhf.artifacts import incomplete_dir, publish_dir, write_json
-from rlhf.config import RecipeError, read_recipe_file, recipe_stage
+from rlhf.config import Recipe, RecipeError, ValidationDone, read_recipe_file, recipe_stage, validate_only
 
 PIPELINE_KEYS = {"name", "output_dir", "accelerate_config", "stages", "report"}
 STAGE_KEYS = {"name", "recipe", "command", "input", "inputs", "args", "enabled"}
@@ -226,6 +228,26 @@ def _stage_of(spec: StageSpec) -> str:
     return recipe_stage(spec.recipe)
 
 
+def write_stage_recipe(pipeline: Pipeline, spec: StageSpec) -> Path:
+    """Write the resolved recipe a training stage runs with to `<output_dir>/.pipeline/recipes/`."""
+    path = pipeline.state_dir / "recipes" / f"{spec.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"stage": _stage_of(spec), **resolved_recipe(pipeline, spec)}, sort_keys=False))
+    return path
+
+
+def validate_stage(pipeline: Pipeline, spec: StageSpec) -> Recipe:
+    """Parse a training stage's resolved recipe exactly as the stage will, stopping before anything loads."""
+    produced = {str(pipeline.stage_dir(s.name)) for s in pipeline.stages}
+    stage_module = importlib.import_module(f"rlhf.stages.{_stage_of(spec)}")
+    with validate_only(produced):
+        try:
+            stage_module.main([str(write_stage_recipe(pipeline, spec))])
+        except ValidationDone as done:
+            return done.recipe
+    raise RuntimeError(f"stage {spec.name}: its main() did not call parse_recipe")
+
+
 def estimate_memory(pipeline: Pipeline, spec: StageSpec, values: dict[str, Any]) -> dict[str, Any] | None:
     """Rough peak memory of a training stage: model copies × parameters × bytes + optimizer state."""
     source = values.get("model_name_or_path", "")
@@ -249,7 +271,9 @@ def estimate_memory(pipeline: Pipeline, spec: StageSpec, values: dict[str, Any])
     if lora and stage in ("ppo", "dpo", "grpo", "rloo"):
         frozen = max(0, frozen - 1)  # the reference is the policy with adapters off: no second copy
     weight_bytes = 2 if values.get("bf16") or values.get("fp16") else 4
-    per_trained = params * (weight_bytes + (0.02 * 16 if lora else 4 + 8))  # weights + grads + Adam m, v
+    # Weights, plus per trainable parameter a gradient and Adam's m and v (4 + 8 bytes); under LoRA
+    # roughly 2% of the parameters train, with fp32 gradients and Adam state (16 bytes each).
+    per_trained = params * (weight_bytes + (0.02 * 16 if lora else 4 + 8))
     total = trained * per_trained + frozen * params * weight_bytes
     return {"parameters": params, "trained_copies": trained, "frozen_copies": frozen, "estimated_bytes": int(total)}
 
@@ -262,19 +286,18 @@ def _machine_memory() -> int:
     return 0
 
 
-def _render_examples(values: dict[str, Any], data_format: str, count: int = 2) -> list[str]:
+def _render_examples(recipe: Recipe, data_format: str, count: int = 2) -> list[str]:
     """A few training rows rendered through the chat template, loss-masked tokens in [[ ]]."""
     from transformers import AutoTokenizer
 
-    from rlhf.config import DataArguments
     from rlhf.data import prepare_datasets
 
-    source = values.get("model_name_or_path")
-    if not source or not (Path(source) / "tokenizer_config.json").exists():
+    source = recipe.model.model_name_or_path
+    if not (Path(source) / "tokenizer_config.json").exists():
         return []
     tokenizer = AutoTokenizer.from_pretrained(source)
-    data_keys = {k: v for k, v in values.items() if k in DataArguments.__dataclass_fields__}
-    train, _, _ = prepare_datasets(DataArguments(**{**data_keys, "synthetic_num_examples": 8}), data_format, 0)
+    data_args = dataclasses.replace(recipe.data, synthetic_num_examples=8)
+    train, _, _ = prepare_datasets(data_args, data_format, recipe.training.seed)
     rendered = []
     for row in train.select(range(min(count, len(train)))):
         messages = row.get("messages")
@@ -298,30 +321,15 @@ def _render_examples(values: dict[str, Any], data_format: str, count: int = 2) -
 
 def preflight(pipeline: Pipeline, selected: list[StageSpec], echo=print) -> dict[str, Any]:
     """Validate every recipe, find every dataset and check its columns, estimate memory — no model loads."""
-    from rlhf.config import DataArguments, ValidationDone, validate_only
     from rlhf.data import prepare_datasets
 
-    produced = {str(pipeline.stage_dir(s.name)) for s in pipeline.stages}
     report: dict[str, Any] = {"stages": {}, "machine_memory_bytes": _machine_memory()}
-    recipes_dir = pipeline.state_dir / "recipes"
-    recipes_dir.mkdir(parents=True, exist_ok=True)
     for spec in selected:
         if not spec.recipe:
             continue
-        stage = _stage_of(spec)
-        values = resolved_recipe(pipeline, spec)
-        path = recipes_dir / f"{spec.name}.yaml"
-        path.write_text(yaml.safe_dump({"stage": stage, **values}, sort_keys=False))
-        import importlib
-
-        module = importlib.import_module(f"rlhf.stages.{stage}")
-        with validate_only(produced):
-            try:
-                module.main([str(path)])
-            except ValidationDone:
-                pass
-        data_keys = {k: v for k, v in values.items() if k in DataArguments.__dataclass_fields__}
-        train, eval_, data_report = prepare_datasets(DataArguments(**data_keys), STAGE_DATA_FORMAT[stage], 0)
+        recipe = validate_stage(pipeline, spec)
+        stage, values = recipe.stage, recipe.resolved
+        train, eval_, _ = prepare_datasets(recipe.data, STAGE_DATA_FORMAT[stage], recipe.training.seed)
         memory = estimate_memory(pipeline, spec, values)
         report["stages"][spec.name] = {"train_rows": len(train), "eval_rows": len(eval_ or []), "memory": memory}
         line = f"  ✓ {spec.name:<12} {stage:<9} {len(train):>6} train rows"
@@ -345,7 +353,7 @@ def show_examples(pipeline: Pipeline, selected: list[StageSpec], echo=print) -> 
         stage = _stage_of(spec)
         if stage not in ("sft", "reward", "dpo", "distill"):
             continue
-        examples = _render_examples(resolved_recipe(pipeline, spec), STAGE_DATA_FORMAT[stage])
+        examples = _render_examples(validate_stage(pipeline, spec), STAGE_DATA_FORMAT[stage])
         for example in examples[:1]:
             echo(f"  {spec.name}: {example!r}")
 
@@ -355,23 +363,16 @@ def show_examples(pipeline: Pipeline, selected: list[StageSpec], echo=print) -> 
 
 
 def _run_training_stage(pipeline: Pipeline, spec: StageSpec) -> None:
-    values = resolved_recipe(pipeline, spec)
     stage = _stage_of(spec)
-    path = pipeline.state_dir / "recipes" / f"{spec.name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"stage": stage, **values}, sort_keys=False))
+    path = write_stage_recipe(pipeline, spec)
     if pipeline.accelerate_config:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", pipeline.accelerate_config]
         subprocess.run([*launcher, "-m", f"rlhf.stages.{stage}", str(path)], check=True)
         return
-    import importlib
-
     importlib.import_module(f"rlhf.stages.{stage}").main([str(path)])
 
 
 def _run_command_stage(pipeline: Pipeline, spec: StageSpec) -> None:
-    import importlib
-
     from rlhf.cli import COMMANDS as CLI_COMMANDS
 
     final = pipeline.stage_dir(spec.name)
