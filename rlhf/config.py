@@ -308,13 +308,10 @@ def parse_recipe(argv: list[str] | None, training_class: type, stage: str, data_
     if not values.get("model_name_or_path"):
         raise RecipeError(f"model_name_or_path: missing in {path}; set a local checkpoint directory or a Hub id.")
     _device_defaults(values, types_by_class["training"])
-    built: dict[str, Any] = {}
-    for name, cls in classes.items():
-        kwargs = {k: _coerce(k, v, types_by_class[name][k]) for k, v in values.items() if k in types_by_class[name]}
-        try:
-            built[name] = cls(**kwargs)
-        except (ValueError, TypeError) as error:
-            raise RecipeError(f"recipe {path}: {error}") from None
+    built = {
+        name: parse_dataclass(cls, {k: v for k, v in values.items() if k in types_by_class[name]}, f"recipe {path}")
+        for name, cls in classes.items()
+    }
     if getattr(built["training"], "push_to_hub", False):
         # The Trainer would create the repo at start-up and push every checkpoint; rlhf publishes the
         # finished output once instead (artifacts.finish_stage → publish.publish_if_requested).
