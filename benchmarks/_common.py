@@ -104,7 +104,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def ensure_checkpoint(path: Path, **sizes: int) -> Path:
     """A random tiny Llama at `path` (built once; reused across runs)."""
     if not (path / "config.json").exists():
-        from rlhf.modeling import build_tiny_checkpoint
+        from rlhf.tiny import build_tiny_checkpoint
 
         build_tiny_checkpoint(path, **sizes)
     return path

@@ -33,7 +33,7 @@ def build_models(folder: Path) -> tuple[str, str]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.modeling import build_tiny_checkpoint
+    from rlhf.tiny import build_tiny_checkpoint
 
     policy = build_tiny_checkpoint(folder / "policy", hidden_size=64, num_layers=2)
     torch.manual_seed(1)

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from rlhf.publish import publish_if_requested
+
 INCOMPLETE_SUFFIX = ".incomplete"
 METRICS_FILE = "metrics.json"
 RECIPE_FILE = "recipe.yaml"
@@ -27,7 +29,7 @@ def incomplete_dir(output_dir: str | Path) -> Path:
     return output_dir.with_name(output_dir.name + INCOMPLETE_SUFFIX)
 
 
-def publish_dir(tmp: Path, final: Path) -> None:
+def move_into_place(tmp: Path, final: Path) -> None:
     """Atomically replace `final` with the finished `tmp` (same filesystem, so a rename)."""
     replaced = final.with_name(final.name + ".replaced")
     if final.exists():
@@ -46,8 +48,12 @@ def atomic_output_dir(output_dir: str | Path) -> Iterator[Path]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    yield tmp
-    publish_dir(tmp, Path(output_dir))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
+        raise
+    move_into_place(tmp, Path(output_dir))
 
 
 def start_stage(training_args: Any) -> tuple[Path, str | None]:
@@ -110,9 +116,7 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
         with open(tmp / RECIPE_FILE, "w") as handle:
             # A token must never land in a file that gets uploaded.
             yaml.safe_dump({k: v for k, v in recipe.resolved.items() if k != "hub_token"}, handle, sort_keys=False)
-        publish_dir(tmp, final)
-        from rlhf.publish import publish_if_requested
-
+        move_into_place(tmp, final)
         publish_if_requested(final, trainer.args)  # push_to_hub: upload the finished output once
     trainer.accelerator.wait_for_everyone()
     return final

@@ -1,4 +1,4 @@
-"""Recipe parsing: one YAML file (plus command-line overrides) → ModelConfig, DataArguments, stage config.
+"""Recipe values: the config dataclasses, RecipeError, and reading YAML values into typed fields.
 
 A recipe's keys are the fields of `trl.ModelConfig`, of `DataArguments` below, and of the stage's
 TRL/transformers config (SFTConfig, RewardConfig, …), exactly as the `trl` CLI and
@@ -7,50 +7,21 @@ alignment-handbook read them. Everything is validated before any model or datase
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import enum
 import os
-import sys
 import types
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 from trl import ModelConfig, ScriptArguments
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo", "distill")
-
 
 class RecipeError(ValueError):
     """A mistake in a recipe, its data or its paths: the message names the field and the fix."""
-
-
-class ValidationDone(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by parse_recipe inside `validate_only()`: the recipe is valid and nothing was loaded."""
-
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe.stage)
-        self.recipe = recipe
-
-
-# Paths that a pipeline will produce before the stage runs: pre-flight must not call them missing.
-_pending_paths: set[str] | None = None
-
-
-@contextlib.contextmanager
-def validate_only(pending_paths: set[str]) -> Iterator[None]:
-    """Within this block a stage's main() stops right after its recipe is validated (pipeline pre-flight)."""
-    global _pending_paths
-    _pending_paths = {str(Path(p)) for p in pending_paths}
-    try:
-        yield
-    finally:
-        _pending_paths = None
 
 
 @dataclass
@@ -112,7 +83,8 @@ class Recipe:
         return bool(getattr(self.training, "trust_remote_code", False))
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The init fields of a dataclass with their resolved type hints."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
@@ -232,7 +204,7 @@ def read_recipe_file(path: str) -> dict[str, Any]:
 
 def parse_dataclass(cls: type, values: dict[str, Any], source: str = "recipe") -> Any:
     """Build a plain dataclass (e.g. a command's config) from YAML values, with the recipe checks and hints."""
-    types_by_name = _field_types(cls)
+    types_by_name = field_types(cls)
     for key in values:
         if key not in types_by_name:
             close = difflib.get_close_matches(key, sorted(types_by_name), n=1, cutoff=0.6)
@@ -246,91 +218,8 @@ def parse_dataclass(cls: type, values: dict[str, Any], source: str = "recipe") -
 
 
 def recipe_stage(path: str) -> str:
-    """The stage a recipe file names in its `stage:` key."""
+    """The stage a recipe file names in its `stage:` key (checked against the stage registry by the caller)."""
     stage = read_recipe_file(path).get("stage")
-    if stage not in STAGES:
-        raise RecipeError(f"recipe {path}: `stage:` is {stage!r}; set it to one of {', '.join(STAGES)}.")
+    if not isinstance(stage, str) or not stage:
+        raise RecipeError(f"recipe {path}: no `stage:` key; add e.g. `stage: sft`.")
     return stage
-
-
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) -> None:
-    """TRL configs default to bf16 and gradient checkpointing; make a CPU run work without them."""
-    if _on_gpu():
-        return
-    for flag in ("bf16", "fp16"):
-        if values.get(flag) is True:
-            raise RecipeError(
-                f"{flag}: this machine has no GPU and {flag} training needs one; "
-                f"remove `{flag}: true` (runs in fp32 on CPU) or run on a GPU machine."
-            )
-        if flag in training_fields:
-            values.setdefault(flag, False)
-    # Launched as several processes (torchrun / accelerate launch) without a GPU: accelerate builds the
-    # gloo process group only when told the run is on CPU; otherwise every rank silently trains alone.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in training_fields:
-        values.setdefault("use_cpu", True)
-    # Recomputing activations saves GPU memory; on CPU it only costs time. transformers 5.24 renamed
-    # gradient_checkpointing to activation_checkpointing; set whichever this version has.
-    if "gradient_checkpointing" not in values and "activation_checkpointing" not in values:
-        name = "activation_checkpointing" if "activation_checkpointing" in training_fields else "gradient_checkpointing"
-        if name in training_fields:
-            values[name] = False
-
-
-def parse_recipe(argv: list[str] | None, training_class: type, stage: str, data_class: type = DataArguments) -> Recipe:
-    """Parse `RECIPE.yaml [--key value ...]` into a validated Recipe for `stage`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("--"):
-        raise RecipeError(f"usage: rlhf train RECIPE.yaml [--key value ...] (a recipe with `stage: {stage}`).")
-    path, overrides = argv[0], parse_overrides(argv[1:])
-    values = {**read_recipe_file(path), **overrides}
-    named_stage = values.pop("stage", stage)
-    if named_stage != stage:
-        raise RecipeError(
-            f"stage: recipe {path} is for stage {named_stage!r}, not {stage!r}; run it with `rlhf train {path}`."
-        )
-    classes = {"model": ModelArguments, "data": data_class, "training": training_class}
-    types_by_class = {name: _field_types(cls) for name, cls in classes.items()}
-    known = set().union(*types_by_class.values())
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f" Did you mean `{close[0]}`?" if close else " Remove it or check the spelling."
-            raise RecipeError(f"unknown recipe key `{key}` in {path}.{hint}")
-    if not values.get("output_dir"):
-        raise RecipeError(f"output_dir: missing in {path}; add e.g. `output_dir: outputs/{stage}`.")
-    if not values.get("model_name_or_path"):
-        raise RecipeError(f"model_name_or_path: missing in {path}; set a local checkpoint directory or a Hub id.")
-    _device_defaults(values, types_by_class["training"])
-    built = {
-        name: parse_dataclass(cls, {k: v for k, v in values.items() if k in types_by_class[name]}, f"recipe {path}")
-        for name, cls in classes.items()
-    }
-    if getattr(built["training"], "push_to_hub", False):
-        # The Trainer would create the repo at start-up and push every checkpoint; rlhf publishes the
-        # finished output once instead (artifacts.finish_stage → publish.publish_if_requested).
-        built["training"].push_to_hub = False
-    recipe = Recipe(stage, built["model"], built["data"], built["training"], {"stage": stage, **values}, path)
-    check_paths(recipe)
-    if _pending_paths is not None:
-        raise ValidationDone(recipe)
-    return recipe
-
-
-def check_paths(recipe: Recipe) -> None:
-    """Every path a recipe names must exist (or be a reachable Hub id) before anything loads."""
-    from rlhf.data.load import check_data_sources
-    from rlhf.modeling import check_model_source
-
-    if _pending_paths is None or str(Path(recipe.model.model_name_or_path)) not in _pending_paths:
-        check_model_source(recipe.model.model_name_or_path)
-    check_data_sources(recipe.data)
-    template = getattr(recipe.training, "chat_template_path", None)
-    if template and not Path(template).exists() and template.startswith((".", "/")):
-        raise RecipeError(f"chat_template_path: {template!r} does not exist; fix the path or remove the key.")

@@ -119,6 +119,27 @@ def _check_output(output: str, sources: list[str]) -> None:
         raise RecipeError(f"--output {output!r} is the input directory; write the result to a new directory.")
 
 
+def merge(
+    adapter_dir: str,
+    output: str | Path,
+    base: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Fold a LoRA/DoRA adapter into its base model and save the result to `output`."""
+    if not is_adapter_dir(adapter_dir):
+        raise RecipeError(
+            f"ADAPTER_DIR: {adapter_dir!r} has no {ADAPTER_CONFIG}; point it at a PEFT stage output "
+            "(a recipe with use_peft: true), or use `rlhf export` for a full checkpoint."
+        )
+    _check_output(str(output), [adapter_dir])
+    model, tokenizer = load_for_inference(adapter_dir, None, base, trust_remote_code)
+    path = save_checkpoint(model, tokenizer, output, dtype, max_shard_size)
+    print(f"merged {adapter_dir} into {adapter_base(adapter_dir, base)} → {path}")
+    return path
+
+
 def merge_main(argv: list[str] | None = None) -> Path:
     """`rlhf merge ADAPTER_DIR --output DIR [--base BASE]`: fold a LoRA/DoRA adapter into its base model."""
     parser = argparse.ArgumentParser(prog="rlhf merge", description=merge_main.__doc__)
@@ -128,16 +149,24 @@ def merge_main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's)")
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    if not is_adapter_dir(args.adapter_dir):
-        raise RecipeError(
-            f"ADAPTER_DIR: {args.adapter_dir!r} has no {ADAPTER_CONFIG}; point it at a PEFT stage output "
-            "(a recipe with use_peft: true), or use `rlhf export` for a full checkpoint."
-        )
-    _check_output(args.output, [args.adapter_dir])
-    model, tokenizer = load_for_inference(args.adapter_dir, None, args.base, args.trust_remote_code)
-    path = save_checkpoint(model, tokenizer, args.output, args.dtype, args.max_shard_size)
-    print(f"merged {args.adapter_dir} into {adapter_base(args.adapter_dir, args.base)} → {path}")
+    return merge(**vars(parser.parse_args(argv)))
+
+
+def export(
+    checkpoint: str,
+    output: str | Path,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    base: str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write `checkpoint` to `output` as a self-contained inference folder (adapters merged, no training files)."""
+    _check_output(str(output), [checkpoint])
+    # Re-saving through save_pretrained (rather than copying files) is what leaves metrics, trainer
+    # state, optimizer files and pickled arguments behind, and writes standard safetensors shards.
+    model, tokenizer = load_for_inference(checkpoint, None, base, trust_remote_code)
+    path = save_checkpoint(model, tokenizer, output, dtype, max_shard_size)
+    print(f"exported {checkpoint} → {path} ({', '.join(sorted(os.listdir(path)))})")
     return path
 
 
@@ -150,14 +179,7 @@ def export_main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     parser.add_argument("--base", help="for an adapter: its base checkpoint (default: from adapter_config.json)")
     parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    _check_output(args.output, [args.checkpoint])
-    # Re-saving through save_pretrained (rather than copying files) is what leaves metrics, trainer
-    # state, optimizer files and pickled arguments behind, and writes standard safetensors shards.
-    model, tokenizer = load_for_inference(args.checkpoint, None, args.base, args.trust_remote_code)
-    path = save_checkpoint(model, tokenizer, args.output, args.dtype, args.max_shard_size)
-    print(f"exported {args.checkpoint} → {path} ({', '.join(sorted(os.listdir(path)))})")
-    return path
+    return export(**vars(parser.parse_args(argv)))
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -339,6 +361,6 @@ def generate_main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(export_main)

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from trl import ModelConfig
 
+from rlhf.artifacts import atomic_output_dir, write_json
 from rlhf.config import RecipeError
+from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
 
 
 def _indices(spec: str | None, count: int, name: str) -> list[int]:
@@ -79,21 +82,16 @@ def plot_layer(attentions: torch.Tensor, tokens: list[str], heads: list[int], ti
     return path
 
 
-def write_attention_maps(
+def attention(
     checkpoint: str,
     text: str,
-    output_dir: str | Path,
+    output: str | Path,
     layers: str | None = None,
     heads: str | None = None,
     top_k: int = 5,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Write layer_<i>.png grids and top_tokens.json for `text` under `output_dir`."""
-    from trl import ModelConfig
-
-    from rlhf.artifacts import atomic_output_dir, write_json
-    from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
-
+    """Write layer_<i>.png grids and top_tokens.json for `text` under `output`."""
     if not text.strip():
         raise RecipeError('--text: empty; pass the text to look at, e.g. --text "What color is the zorp?".')
     check_model_source(checkpoint, "CHECKPOINT")
@@ -104,14 +102,14 @@ def write_attention_maps(
     layer_ids = _indices(layers, attentions.shape[0], "layers")
     head_ids = _indices(heads, attentions.shape[1], "heads")
     summary: dict[str, Any] = {"checkpoint": checkpoint, "text": text, "tokens": tokens, "layers": {}}
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output) as tmp:
         for layer in layer_ids:
             plot_layer(attentions[layer], tokens, head_ids, f"layer {layer}", tmp / f"layer_{layer}.png")
             summary["layers"][str(layer)] = {
                 str(head): top_attended(attentions[layer, head], tokens, top_k) for head in head_ids
             }
         write_json(tmp / "top_tokens.json", summary)
-    return Path(output_dir)
+    return Path(output)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,14 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", help="comma-separated head indices (default: all)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    out = write_attention_maps(
-        args.checkpoint, args.text, args.output, args.layers, args.heads, args.top_k, args.trust_remote_code
-    )
+    out = attention(**vars(parser.parse_args(argv)))
     print(f"wrote attention maps to {out}")
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

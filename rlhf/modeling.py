@@ -1,8 +1,9 @@
-"""Tokenizer and model loading (the one place that does it), and the tiny checkpoint factory."""
+"""Tokenizer and model loading, quantized checkpoints included: the one place that does it."""
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -13,11 +14,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 from trl import ModelConfig, get_quantization_config
 
@@ -35,8 +33,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
-EXTRA_SPECIAL_TOKENS = ["<|im_start|>"]
 
 
 def check_model_source(name_or_path: str, field: str = "model_name_or_path") -> None:
@@ -141,9 +137,7 @@ def load_causal_lm(
     A directory written by `rlhf quantize` loads through its quantization backend, so every command
     (eval, chat, generate) accepts quantized checkpoints too.
     """
-    if (Path(model_args.model_name_or_path) / "quantization.json").exists():
-        from rlhf.compress.quantize import load_quantized
-
+    if (Path(model_args.model_name_or_path) / QUANTIZATION_FILE).exists():
         return load_quantized(model_args.model_name_or_path, trust_remote_code)
     kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
     if from_scratch:
@@ -194,82 +188,61 @@ def merge_adapters(trainer) -> bool:
     return True
 
 
-def train_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the embedded world's corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from rlhf.data.synthetic import corpus_for_tokenizer
-
-    special = [*SPECIAL_TOKENS.values(), *EXTRA_SPECIAL_TOKENS]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(list(corpus_for_tokenizer()) * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
-    tokenizer.add_special_tokens({"additional_special_tokens": EXTRA_SPECIAL_TOKENS})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+QUANTIZATION_FILE = "quantization.json"
+METHODS = ("int8", "int4")
+BACKENDS = ("quanto", "torchao", "bitsandbytes")
+# backend → (module to import, pip extra that installs it)
+BACKEND_PACKAGES = {
+    "quanto": ("optimum.quanto", "quant"),
+    "torchao": ("torchao", "quant"),
+    "bitsandbytes": ("bitsandbytes", "qlora"),
+}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
-def build_tiny_checkpoint(
-    output_dir: str | Path,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vocab_size: int = 1024,
-    max_position_embeddings: int = 256,
-    seed: int = 0,
-) -> Path:
-    """Write a randomly initialised tiny Llama-style checkpoint with a locally trained tokenizer.
-
-    A Llama config keeps our tokenizer as is (a Qwen2 config would make AutoTokenizer swap in
-    Qwen2Tokenizer and change token ids).
-    """
-    from rlhf.artifacts import atomic_output_dir
-
-    torch.manual_seed(seed)
-    tokenizer = train_tiny_tokenizer(vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    align_generation_config(model, tokenizer)
-    with atomic_output_dir(output_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return Path(output_dir)
+def check_quantization(method: str, backend: str, cuda: bool | None = None, dtype: str = "float32") -> None:
+    """Refuse unsupported method/backend combinations and missing packages, before any model loads."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if method not in METHODS:
+        raise RecipeError(f"--method: got {method!r}, expected one of {', '.join(METHODS)}.")
+    if backend not in BACKENDS:
+        raise RecipeError(f"--backend: got {backend!r}, expected one of {', '.join(BACKENDS)}.")
+    if backend == "bitsandbytes" and method == "int4" and not cuda:
+        raise RecipeError(
+            "--backend bitsandbytes --method int4: a bitsandbytes 4-bit model saved on CPU reloads with wrong "
+            "weights (silently), so it is refused; use --backend quanto for int4 on CPU."
+        )
+    if backend == "torchao" and method == "int4" and not cuda:
+        raise RecipeError(
+            "--backend torchao --method int4: torchao's int4 weight-only kernels need a CUDA GPU; "
+            "use --backend quanto for int4 on CPU."
+        )
+    if backend == "quanto" and method == "int8" and dtype == "bfloat16" and not cuda:
+        # quanto routes bf16 x int8 through torch._weight_int8pack_mm on CPU, which segfaulted here for a
+        # 64-wide model (torch 2.13); float32 takes the dequantizing path.
+        raise RecipeError("--dtype bfloat16 with --backend quanto --method int8 crashes on CPU; use --dtype float32.")
+    if dtype not in DTYPES:
+        raise RecipeError(f"--dtype: got {dtype!r}, expected one of {', '.join(DTYPES)}.")
+    module, extra = BACKEND_PACKAGES[backend]
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        raise RecipeError(
+            f"--backend {backend}: the {module.split('.')[-1]} package is not installed; "
+            f"install it with `pip install 'rlhf[{extra}]'`."
+        )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`rlhf tiny-checkpoint OUTPUT_DIR`: write the embedded default's base checkpoint."""
-    parser = argparse.ArgumentParser(prog="rlhf tiny-checkpoint", description=build_tiny_checkpoint.__doc__)
-    parser.add_argument("output_dir")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(
-        args.output_dir, args.hidden_size, args.num_layers, args.num_heads, args.vocab_size, seed=args.seed
-    )
-    print(f"wrote tiny checkpoint to {path}")
+def load_quantized(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load a checkpoint written by `rlhf quantize` (any backend), or a plain checkpoint, for inference."""
+    path = Path(path)
+    record_file = path / QUANTIZATION_FILE
+    record = json.loads(record_file.read_text()) if record_file.exists() else {"backend": None}
+    if record["backend"] == "quanto":
+        check_quantization(record["method"], "quanto")
+        from optimum.quanto import QuantizedModelForCausalLM
 
-
-if __name__ == "__main__":
-    from rlhf.cli import run
-
-    run(main)
+        model = QuantizedModelForCausalLM.from_pretrained(str(path))._wrapped
+    else:
+        if record["backend"] is not None:
+            check_quantization(record["method"], record["backend"])
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return model.eval()

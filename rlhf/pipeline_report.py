@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf.evaluation.report import markdown_table, markdown_to_html
+
 HEADLINE_COLUMNS = [
     ("rule score", "rule_reward"),
     ("reward-model score", "reward_model_score"),
@@ -17,20 +19,6 @@ HEADLINE_COLUMNS = [
     ("refusal (harmful)", "refusal_rate"),
     ("false refusal", "false_refusal_rate"),
 ]
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return lines
 
 
 def _eval_results(pipeline: Any) -> tuple[dict[str, dict[str, Any]], Path | None]:
@@ -117,7 +105,6 @@ def _lineage_lines(lineage: dict[str, Any], depth: int = 0) -> list[str]:
 def write_report(pipeline: Any, summary: dict[str, Any]) -> Path:
     """Write `<output_dir>/report.md` and `report.html`; return the Markdown path."""
     from rlhf.compress import weights_size_bytes
-    from rlhf.evaluation.report import markdown_to_html
 
     out = pipeline.output_dir
     plots = out / "report_plots"
@@ -136,15 +123,14 @@ def write_report(pipeline: Any, summary: dict[str, Any]) -> Path:
         size = f"{weights_size_bytes(stage_dir) / 2**20:.2f} MiB" if stage_dir.is_dir() else None
         latency = _latency(pipeline, name)
         rows.append([name, *(metrics.get(key) for _, key in HEADLINE_COLUMNS), size, latency])
-    lines += _table(header, rows) if rows else ["(no eval stage in this pipeline)"]
-    lines += [""]
+    lines += markdown_table(header, rows) if rows else ["(no eval stage in this pipeline)", ""]
 
     lines += ["## Stages", ""]
     stage_rows = []
     for name, info in summary["stages"].items():
         stage_rows.append([name, info["status"], info.get("seconds"), info.get("fingerprint")])
-    lines += _table(["stage", "this run", "seconds (when it ran)", "fingerprint"], stage_rows)
-    lines += ["", f"Total wall time of this run: {summary.get('seconds', 0):.1f} s", ""]
+    lines += markdown_table(["stage", "this run", "seconds (when it ran)", "fingerprint"], stage_rows)
+    lines += [f"Total wall time of this run: {summary.get('seconds', 0):.1f} s", ""]
 
     lines += ["## Plots", ""]
     figures = [

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
 from rlhf.config import RecipeError
 
@@ -47,8 +50,6 @@ def read_recipe(output_dir: str | Path) -> dict[str, Any]:
 
 
 def _is_hub_id(name: str | None) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not name or Path(name).exists() or name.startswith((".", "/", "~")) or ":" in name:
         return False
     try:
@@ -128,8 +129,6 @@ def training_plots(output_dir: str | Path) -> list[Path]:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for name in FRAMEWORKS:
         try:
@@ -145,8 +144,6 @@ def _redacted(recipe: dict[str, Any]) -> dict[str, Any]:
 
 def build_model_card(output_dir: str | Path, repo_id: str, license: str | None = None) -> Any:
     """A huggingface_hub ModelCard: metadata (base model, datasets, tags, model-index) plus recipe, evals, plots."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     output_dir = Path(output_dir)
     recipe = read_recipe(output_dir)
     stage = recipe.get("stage")
@@ -215,8 +212,6 @@ def build_model_card(output_dir: str | Path, repo_id: str, license: str | None =
 
 def files_to_upload(output_dir: str | Path) -> list[str]:
     """Relative paths that upload_folder would send (everything but IGNORE_PATTERNS)."""
-    from huggingface_hub.utils import filter_repo_objects
-
     output_dir = Path(output_dir)
     paths = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
     paths = [p for p in paths if not p.startswith((".git/", ".cache/"))]
@@ -225,8 +220,6 @@ def files_to_upload(output_dir: str | Path) -> list[str]:
 
 def check_publishable(output_dir: str | Path, repo_id: str) -> None:
     """Fail early, with the fix, on a folder that is not a finished output or a malformed repo id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise RecipeError(f"OUTPUT_DIR: {str(output_dir)!r} does not exist; pass a finished stage or export folder.")
@@ -252,8 +245,6 @@ def publish(
     commit_message: str | None = None,
 ) -> list[str]:
     """Write README.md (the model card) into `output_dir`, then create the repo and upload; return the files."""
-    from huggingface_hub import HfApi, constants, get_token
-
     check_publishable(output_dir, repo_id)
     output_dir = Path(output_dir)
     if not dry_run:
@@ -345,6 +336,6 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -1,14 +1,38 @@
-"""Reward sources shared by PPO, GRPO and RLOO: Python functions by import path, and reward models."""
+"""Reward sources and the one scorer shared by the reward stage, PPO, GRPO/RLOO and evaluation.
+
+- Reward sources of a recipe: Python functions by import path and/or a reward model, checked
+  before any model loads (`resolve_reward_sources`, `check_reward_weights`).
+- A reward model's record: what the reward stage wrote to its metrics.json (`reward_model_record`)
+  and the quality gate on it (`check_reward_quality`).
+- Scoring: `reward_model_input_ids` tokenises (prompt, completion) exactly as TRL's RewardTrainer
+  tokenised the chosen/rejected examples it trained on, and `score_token_ids` reads the score where
+  transformers' sequence-classification head pools (the last non-pad token), by calling the model.
+- Log-probabilities: `response_logprobs` (prompts left-padded to one width, responses after it) and
+  `sequence_kl`, used by PPO's rollouts and evaluation alike.
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad, selective_log_softmax
+
+from rlhf.artifacts import METRICS_FILE, read_metrics
 from rlhf.config import RecipeError
+from rlhf.modeling import check_model_source
 
 RULE_REWARD = "rlhf.data.synthetic:rule_reward"
+
+# ---------------------------------------------------------------------------------------------
+# Reward sources of a recipe.
+# ---------------------------------------------------------------------------------------------
 
 
 def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable[..., list[float]]:
@@ -42,15 +66,24 @@ class RewardSourceArguments:
     reward_min_accuracy: float = 0.9
 
 
+def check_reward_weights(weights: list[float] | None, num_sources: int) -> list[float]:
+    """The weight of each reward source (1.0 each when unset); one weight per source or a RecipeError."""
+    if weights is None:
+        return [1.0] * num_sources
+    if len(weights) != num_sources:
+        raise RecipeError(
+            f"reward_weights: {len(weights)} weights for {num_sources} reward sources (reward model first, then "
+            "reward_funcs in order); give one weight per source."
+        )
+    return list(weights)
+
+
 def resolve_reward_sources(args: RewardSourceArguments) -> list[str | Callable[..., list[float]]]:
     """Check and resolve a recipe's reward sources into TRL's `reward_funcs` list, before any model loads.
 
     A reward model stays a path string (TRL loads it with AutoModelForSequenceClassification); its
     held-out accuracy must reach `reward_min_accuracy` (0 disables the check).
     """
-    from rlhf.modeling import check_model_source
-    from rlhf.stages.reward import check_reward_quality
-
     sources: list[str | Callable[..., list[float]]] = []
     if args.reward_model_path:
         check_model_source(args.reward_model_path, field="reward_model_path")
@@ -62,10 +95,214 @@ def resolve_reward_sources(args: RewardSourceArguments) -> list[str | Callable[.
             f"reward_funcs: no reward source; set `reward_model_path` (a reward stage output) and/or "
             f"`reward_funcs: [{RULE_REWARD}]`."
         )
-    weights = getattr(args, "reward_weights", None)
-    if weights is not None and len(weights) != len(sources):
-        raise RecipeError(
-            f"reward_weights: {len(weights)} weights for {len(sources)} reward sources (reward model first, then "
-            "reward_funcs in order); give one weight per source."
-        )
+    check_reward_weights(getattr(args, "reward_weights", None), len(sources))
     return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# What the reward stage recorded about a reward model.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardModelRecord:
+    """A reward model's held-out accuracy and score statistics, as the reward stage wrote them to metrics.json.
+
+    Both are None for a model the reward stage did not write (a Hub model, any plain sequence classifier).
+    """
+
+    accuracy: float | None = None
+    stats: dict[str, float] | None = None  # {"mean", "std"} of its scores, used to standardise rewards
+
+
+def reward_model_record(reward_model_path: str) -> RewardModelRecord:
+    """Read a reward model's metrics.json once; an empty record when it has none."""
+    if not (Path(reward_model_path) / METRICS_FILE).is_file():
+        return RewardModelRecord()
+    metrics = read_metrics(reward_model_path)
+    stats = metrics.get("reward_stats")
+    accuracy = metrics.get("accuracy")
+    return RewardModelRecord(
+        accuracy=None if accuracy is None else float(accuracy),
+        stats=stats if stats and {"mean", "std"} <= set(stats) else None,
+    )
+
+
+def check_reward_quality(reward_model_path: str, min_accuracy: float) -> float:
+    """Refuse a reward model whose held-out pairwise accuracy is below `min_accuracy`; return the accuracy.
+
+    A `min_accuracy` of 0 or less disables the check (and returns NaN when the model has no recorded
+    accuracy, e.g. a Hub reward model).
+    """
+    accuracy = reward_model_record(reward_model_path).accuracy
+    if min_accuracy <= 0:
+        return float("nan") if accuracy is None else accuracy
+    if accuracy is None:
+        raise RecipeError(
+            f"reward_min_accuracy: {reward_model_path!r} has no held-out accuracy in {METRICS_FILE} (it was not "
+            "written by the reward stage with an eval set); train it with `rlhf train <reward recipe>`, or set "
+            "`reward_min_accuracy: 0` to use it unchecked."
+        )
+    if math.isnan(accuracy) or accuracy < min_accuracy:
+        raise RecipeError(
+            f"reward model accuracy {accuracy:.2f} < min {min_accuracy:.2f} (held-out pairwise accuracy of "
+            f"{reward_model_path}); a policy trained on it would learn its mistakes. Retrain it (more steps or data, "
+            "another learning rate) or lower `reward_min_accuracy`."
+        )
+    return accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward-model scores.
+# ---------------------------------------------------------------------------------------------
+
+
+def completions_for(prompts: list[Any], responses: list[str]) -> list[Any]:
+    """Responses in TRL's completion layout: assistant messages for conversational prompts, else strings."""
+    return [[{"role": "assistant", "content": r}] if isinstance(p, list) else r for p, r in zip(prompts, responses)]
+
+
+def reward_model_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: str) -> list[int]:
+    """Token ids of (prompt, completion) as TRL's RewardTrainer tokenises a chosen/rejected example.
+
+    Conversational: the chat template over prompt + the assistant message. Plain text: prompt +
+    completion + EOS (RewardTrainer appends it when missing), with the tokenizer's special tokens.
+    """
+    if isinstance(prompt, list):
+        messages = [*prompt, {"role": "assistant", "content": completion}]
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    text = prompt + completion
+    eos = tokenizer.eos_token
+    if eos is not None and not text.endswith(eos):
+        text += eos
+    return list(tokenizer(text=text)["input_ids"])
+
+
+@torch.no_grad()
+def score_token_ids(
+    model: PreTrainedModel, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32
+) -> torch.Tensor:
+    """The reward model's scalar score of each tokenized sequence, on the CPU.
+
+    Right-padded, as RewardTrainer's collator pads; the model's own forward picks the scored token
+    (the last non-pad one for a decoder, the pooled first token for an encoder).
+    """
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        batch = [torch.tensor(ids, dtype=torch.long) for ids in sequences[start : start + batch_size]]
+        input_ids = pad(batch, padding_value=pad_token_id).to(model.device)
+        attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0).to(model.device)
+        scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+def reward_model_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Any],
+    completions: list[str],
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Scores of completion texts after their (plain or conversational) prompts, tokenised as in reward training."""
+    sequences = [reward_model_input_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities of responses and the KL between two models on them.
+# ---------------------------------------------------------------------------------------------
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def pack_prompts_and_responses(
+    pairs: list[tuple[list[int], list[int]]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """One batch from (prompt ids, response ids) pairs: prompts left-padded to one width, responses right-padded.
+
+    Returns (input ids, attention mask, prompt width, response mask): the layout `response_logprobs` reads.
+    """
+    prompts = [torch.tensor(p, dtype=torch.long) for p, _ in pairs]
+    responses = [torch.tensor(r, dtype=torch.long) for _, r in pairs]
+    prompt_ids = pad(prompts, padding_value=pad_token_id, padding_side="left")
+    prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left")
+    if max(len(r) for r in responses) == 0:
+        return prompt_ids, prompt_mask, prompt_ids.shape[1], torch.zeros((len(pairs), 0), dtype=torch.bool)
+    response_ids = pad(responses, padding_value=pad_token_id)
+    response_mask = pad([torch.ones_like(r) for r in responses], padding_value=0)
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    return input_ids, torch.cat([prompt_mask, response_mask], 1), prompt_ids.shape[1], response_mask.bool()
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the tokens after `context_length` under `model` (logits / temperature).
+
+    Returns (log-probabilities, the logits they came from); padding positions hold values to mask out.
+    """
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).logits[:, context_length - 1 : -1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return selective_log_softmax(logits, input_ids[:, context_length:]), logits
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Monte-Carlo KL(policy ‖ reference) of each sampled response: the sum of log π − log π_ref over its tokens."""
+    return ((logprobs.float() - ref_logprobs.float()) * mask).sum(1)
+
+
+def _model_batches(
+    models: list[PreTrainedModel], pairs: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Each batch of `pairs` packed once, with every model's response log-probabilities on it."""
+    for model in models:
+        model.eval()
+    for start in range(0, len(pairs), batch_size):
+        ids, attention_mask, context_length, mask = pack_prompts_and_responses(
+            pairs[start : start + batch_size], pad_token_id
+        )
+        logprobs = [
+            response_logprobs(m, ids.to(m.device), attention_mask.to(m.device), context_length)[0].float().cpu()
+            for m in models
+        ]
+        yield logprobs, mask
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int = 32
+) -> list[float]:
+    """Sum of the log-probabilities `model` gives each response's tokens after its prompt."""
+    totals: list[float] = []
+    for (logprobs,), mask in _model_batches([model], pairs, pad_token_id, batch_size):
+        totals.extend((logprobs * mask).sum(1).tolist())
+    return totals
+
+
+@torch.no_grad()
+def kl_to_reference(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """KL(policy ‖ reference) on the policy's samples: the mean per-sequence `sequence_kl`, and per token."""
+    total = 0.0
+    for (logprobs, ref_logprobs), mask in _model_batches([policy, reference], pairs, pad_token_id, batch_size):
+        total += sequence_kl(logprobs, ref_logprobs, mask).sum().item()
+    tokens = sum(len(r) for _, r in pairs)
+    return {"kl": total / len(pairs) if pairs else 0.0, "kl_per_token": total / tokens if tokens else 0.0}

@@ -36,7 +36,7 @@ FAST_TRAINING = {
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny Llama checkpoint with a locally trained tokenizer, saved to disk."""
-    from rlhf.modeling import build_tiny_checkpoint
+    from rlhf.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "base", hidden_size=64, num_layers=2)
 

@@ -5,7 +5,7 @@
 
 Several stages (separated by `::`) run one after another in the same processes, as in a pipeline,
 which also saves the launch and import time of a second run. Each stage runs unchanged, all of
-them inside one `rlhf.cli.run` (so its clean process-group shutdown runs once, at the end). The
+them inside one `rlhf.entrypoint.run` (so its clean process-group shutdown runs once, at the end). The
 only addition wraps each stage's `finish_stage` call: before the real one runs, every rank's
 trained parameters are gathered to compare them across ranks; after it returns, every rank
 reports whether the published output directory already exists. Rank 0 writes REPORT.json.
@@ -69,7 +69,7 @@ def main() -> None:
             finally:
                 restore()
 
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(run_all)
     if all(report.get("is_main") for report in reports.values()):

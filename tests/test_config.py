@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from trl import SFTConfig
 
-from rlhf.config import RecipeError, parse_overrides, parse_recipe
+from rlhf.config import RecipeError, parse_overrides
+from rlhf.recipe import parse_recipe
 from tests.conftest import write_recipe
 
 

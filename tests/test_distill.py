@@ -59,7 +59,7 @@ def test_on_policy_and_gkd_modes_train(tiny_checkpoint, tmp_path, mode):
 
 
 def test_a_student_with_another_tokenizer_is_refused_before_training(tiny_checkpoint, tmp_path):
-    from rlhf.modeling import build_tiny_checkpoint
+    from rlhf.tiny import build_tiny_checkpoint
 
     other = build_tiny_checkpoint(tmp_path / "other", hidden_size=32, num_layers=1, vocab_size=400)
     recipe = _recipe(tmp_path, tiny_checkpoint, "refused", model_name_or_path=str(other))

@@ -53,7 +53,7 @@ def test_every_documented_accelerate_config_exists():
 
 
 def test_run_tears_down_the_process_group(tmp_path: Path):
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     seen = []

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig
 
 from rlhf.config import RecipeError
+from rlhf.evaluation import evaluate
 from rlhf.evaluation import main as eval_main
 from rlhf.evaluation.generation import generate_responses, generate_tokens, kl_to_reference, sequence_logprobs
 from rlhf.evaluation.perplexity import perplexity
@@ -87,6 +88,9 @@ def test_rlhf_eval_end_to_end(tiny_sft_checkpoint: Path, tiny_checkpoint: Path, 
     assert sft["safety"]["num_harmful"] + sft["safety"]["num_benign"] == 24
     assert 0.0 <= sft["metrics"]["pairwise_accuracy"] <= 1.0 and sft["reward_model"]["num_pairs"] == 16
     assert set(sft["robustness"]["perturbed"]) == {"typos"}
+    # The judge is the reward model: robustness starts from the generation section's scores of the clean prompts.
+    assert sft["robustness"]["clean"] == sft["metrics"]["reward_model_score"]
+    assert base["robustness"]["clean"] == base["metrics"]["reward_model_score"]
     assert sft["metrics"]["perplexity"] < base["metrics"]["perplexity"]
     report = (out / "report.md").read_text()
     assert "| rule reward (mean) ↑ |" in report and "## sft" in report and "## base" in report
@@ -107,3 +111,28 @@ def test_eval_checks_paths_before_loading(tiny_checkpoint: Path, tmp_path: Path)
     with pytest.raises(RecipeError, match="rule_reward"):
         eval_main([str(tiny_checkpoint), "--rule_reward", "rlhf.data.synthetic:nope", "--output", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_with_keywords_as_the_pipeline_calls_it(tiny_sft_checkpoint: Path, tmp_path: Path, capsys):
+    out = evaluate(
+        [tiny_sft_checkpoint],
+        output=tmp_path / "eval",
+        recipe="recipes/tiny/eval.yaml",
+        sections=["robustness", "training_curves"],
+        num_prompts=8,
+        max_new_tokens=8,
+        robustness_perturbations=["typos", "random_swap"],
+        html=False,
+    )
+    assert out == tmp_path / "eval" and "sft: rule_reward" in capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())["results"]["sft"]
+    # Robustness needs the generation pass, so its results are recorded; the rule judges both.
+    assert list(result["timing"]) == ["generation", "robustness", "training_curves"]
+    robustness = result["robustness"]
+    assert robustness["clean"] == result["metrics"]["rule_reward"] == sum(result["scores"]["rule"]) / 8
+    assert robustness["drop"] == {k: robustness["clean"] - v for k, v in robustness["perturbed"].items()}
+    assert result["metrics"]["robustness_mean_drop"] == pytest.approx(sum(robustness["drop"].values()) / 2)
+    # Training curves are listed where they were published, not in the scratch folder.
+    assert result["training_curves"] and all(Path(p).parent == out / "plots" for p in result["training_curves"])
+    assert all(Path(p).is_file() for p in result["training_curves"])
+    assert not (out / "report.html").exists() and (out / "report.md").is_file()

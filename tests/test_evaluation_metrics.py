@@ -12,15 +12,10 @@ from rlhf.config import RecipeError
 from rlhf.data import synthetic
 from rlhf.evaluation.generation import diversity, win_rate
 from rlhf.evaluation.metrics import LOCAL_METRICS, combine_metrics, load_metric, local_metric_path
-from rlhf.evaluation.runner import parse_eval_args
-from rlhf.evaluation.safety import (
-    add_typos,
-    is_compliance,
-    is_refusal,
-    load_safety_suite,
-    perturbations,
-    safety_metrics,
-)
+from rlhf.evaluation.robustness import PERTURBATIONS, add_typos, perturbations
+from rlhf.evaluation.runner import EvalConfig, eval_config, parse_eval_args
+from rlhf.evaluation.safety import is_compliance, is_refusal, load_safety_suite, safety_metrics
+from rlhf.evaluation.sections import SECTIONS, enabled_sections
 
 
 def test_classification_metrics_match_hand_computed_values():
@@ -132,7 +127,9 @@ def test_user_suite_is_validated(tmp_path: Path):
 def test_perturbations_are_seeded_and_change_text():
     text = "Can you tell me how to bake bread in the morning?"
     assert add_typos(text, random.Random(0), 1.0) == add_typos(text, random.Random(0), 1.0)
-    for name, perturb in perturbations(0.5, text.split()).items():
+    named = perturbations(0.5, text.split())
+    assert tuple(named) == PERTURBATIONS
+    for name, perturb in named.items():
         assert perturb(text, random.Random(1)) != text, name
 
 
@@ -140,20 +137,40 @@ def test_eval_recipe_errors_name_the_field(tmp_path: Path):
     recipe = tmp_path / "eval.yaml"
     recipe.write_text("num_promts: 8\n")
     with pytest.raises(RecipeError, match="num_prompts"):
-        parse_eval_args(["ckpt", "--recipe", str(recipe)])
+        eval_config(str(recipe))
     recipe.write_text("sections: [generation, safty]\n")
     with pytest.raises(RecipeError, match="'safety'"):
-        parse_eval_args(["ckpt", "--recipe", str(recipe)])
+        eval_config(str(recipe))
     recipe.write_text("num_prompts: many\n")
     with pytest.raises(RecipeError, match="whole number"):
-        parse_eval_args(["ckpt", "--recipe", str(recipe)])
+        eval_config(str(recipe))
     with pytest.raises(RecipeError, match="not found"):
-        parse_eval_args(["ckpt", "--recipe", str(tmp_path / "nope.yaml")])
-    checkpoints, config = parse_eval_args(["a", "b", "--num_prompts", "8", "--output", str(tmp_path)])
-    assert checkpoints == ["a", "b"] and config.num_prompts == 8 and config.output_dir == str(tmp_path)
+        eval_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(RecipeError, match="robustness_perturbations: unknown entry 'typo'"):
+        eval_config(robustness_perturbations=["typo"])
+
+
+def test_argv_and_keywords_give_the_same_config(tmp_path: Path):
+    checkpoints, options = parse_eval_args(
+        ["a", "b", "--num_prompts", "8", "--output", str(tmp_path), "--reference-model-path", "ref"]
+    )
+    assert checkpoints == ["a", "b"]
+    assert options == {"output": str(tmp_path), "recipe": None, "num_prompts": 8, "reference_model_path": "ref"}
+    config = eval_config(output=tmp_path, num_prompts=8, reference_model_path="ref")
+    assert eval_config(**options) == config
+    assert config.num_prompts == 8 and config.output_dir == str(tmp_path)
+
+
+def test_the_section_registry_is_the_list_of_sections():
+    assert EvalConfig().sections == list(SECTIONS)
+    with pytest.raises(RecipeError, match=", ".join(SECTIONS)):
+        eval_config(sections=["nope"])
+    # Sections that score the generation pass record it even when it is not listed; order is the registry's.
+    assert enabled_sections(["robustness", "safety"]) == ["generation", "safety", "robustness"]
+    assert enabled_sections(["perplexity", "kl"]) == ["kl", "perplexity"]
 
 
 def test_shipped_tiny_eval_recipe_parses():
     recipe = Path(__file__).parents[1] / "recipes" / "tiny" / "eval.yaml"
-    _, config = parse_eval_args(["outputs/tiny/sft", "--recipe", str(recipe)])
+    config = eval_config(str(recipe))
     assert "safety" in config.sections and config.rule_reward == "rlhf.data.synthetic:rule_reward"

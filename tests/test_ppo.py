@@ -8,18 +8,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from trl import ModelConfig
 
 from rlhf.config import RecipeError
+from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
+from rlhf.modeling import align_generation_config, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.ppo import (
     AdaptiveKLController,
     HealthMonitor,
+    PPOConfig,
+    PPOTrainer,
     compute_gae,
     kl_penalty,
     policy_loss,
     response_mask,
+    shape_rewards,
     value_loss,
     whiten,
 )
+from rlhf.ppo.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.rewards import reward_model_record
+from rlhf.stages import ppo
 from tests.conftest import write_recipe
 
 # ---- the math -------------------------------------------------------------------------------
@@ -50,6 +62,14 @@ def test_gae_matches_hand_computed_values_and_ignores_masked_tokens():
     assert torch.allclose(returns, torch.tensor([[0.725, 0.85, 1.0], [0.7, 1.0, 0.0]]))
     discounted, _ = compute_gae(rewards[:1], torch.zeros(1, 3), mask[:1], gamma=0.5, lam=1.0)
     assert torch.allclose(discounted, torch.tensor([[0.25, 0.5, 1.0]]))
+
+
+def test_shaped_rewards_put_the_score_on_the_last_response_token():
+    kl = torch.tensor([[0.5, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    rewards, kl_part = shape_rewards(torch.tensor([3.0, -1.0]), kl * mask, mask, kl_coef=0.1)
+    assert torch.allclose(kl_part, torch.tensor([[-0.05, -0.1, 0.0], [-0.1, -0.1, -0.1]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 2.9, 0.0], [-0.1, -0.1, -1.1]]))
 
 
 def test_whiten_uses_masked_unbiased_statistics():
@@ -86,6 +106,9 @@ def test_adaptive_kl_controller_moves_toward_the_target_with_clipped_error():
     assert controller.value == pytest.approx(0.1 * 1.02)
     controller.update(current_kl=5.4, num_episodes=10)  # error -0.1
     assert controller.value == pytest.approx(0.1 * 1.02 * 0.99)
+    restored = AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=100)
+    restored.load_state_dict(controller.state_dict())  # what a checkpoint keeps
+    assert restored.value == controller.value
 
 
 def test_health_monitor_flags_kl_length_and_entropy():
@@ -94,6 +117,10 @@ def test_health_monitor_flags_kl_length_and_entropy():
     assert monitor.check(healthy) == []
     problems = monitor.check({"objective/kl": 9.0, "response_length/mean": 9.0, "policy/entropy_rollout": 0.01})
     assert len(problems) == 3 and "max_kl" in problems[0] and "2.25×" in problems[1] and "min_entropy" in problems[2]
+    monitor.events.append({"step": 2, "problems": problems, "action": "warn"})
+    restored = HealthMonitor(max_kl=5.0)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.initial_response_length == 4.0 and restored.events == monitor.events
 
 
 # ---- short real runs ----------------------------------------------------------------------------
@@ -134,8 +161,6 @@ PPO_FAST = {
 
 
 def run_ppo(tmp_path: Path, name: str, checkpoint: Path, **keys) -> dict:
-    from rlhf.stages import ppo
-
     out = tmp_path / name
     recipe = write_recipe(
         tmp_path / f"{name}.yaml",
@@ -181,8 +206,6 @@ def test_a_large_kl_coef_keeps_the_policy_closer_to_the_reference(kl_runs: dict[
 
 def build_reward_dir(checkpoint: Path, out: Path, accuracy: float) -> Path:
     """A reward-stage-like output: a sequence classifier (random score head) and its metrics.json."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=1)
     model.save_pretrained(out)
@@ -198,15 +221,6 @@ def build_reward_dir(checkpoint: Path, out: Path, accuracy: float) -> Path:
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_sft_checkpoint: Path, tmp_path: Path):
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-    from trl import ModelConfig
-
-    from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
-    from rlhf.modeling import align_generation_config, load_causal_lm, load_sequence_classifier, load_tokenizer
-    from rlhf.ppo import PPOConfig, PPOTrainer
-    from rlhf.stages.ppo import reward_stats
-
     reward_dir = build_reward_dir(tiny_sft_checkpoint, tmp_path / "reward", accuracy=0.9)
     model_args = ModelConfig(model_name_or_path=str(tiny_sft_checkpoint))
     tokenizer = load_tokenizer(model_args)
@@ -237,7 +251,7 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_sft_checkpoint
         train_dataset=make_synthetic_dataset("prompts", 64, seed=0),
         value_model=value_model,
         reward_funcs=[rule_reward],
-        reward_stats=reward_stats(str(reward_dir)),
+        reward_stats=reward_model_record(str(reward_dir)).stats,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     assert trainer.ref_model is None
@@ -286,9 +300,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_sft_checkpoint: Path
     with pytest.raises(KeyboardInterrupt):
         run_ppo(tmp_path, "resume", tiny_sft_checkpoint, **keys)
     incomplete = tmp_path / "resume.incomplete"
-    assert (incomplete / "checkpoint-2" / "optimizer.pt").exists() and not (tmp_path / "resume").exists()
-    saved = json.loads((incomplete / "checkpoint-2" / "ppo_state.json").read_text())
-    assert saved["next_update"] == 2
+    assert not (tmp_path / "resume").exists()
+    # Accelerator.save_state's files (weights, optimizer, scheduler, RNG, registered objects), state last.
+    written = {p.name for p in (incomplete / "checkpoint-2").iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= written
+    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"} <= written
+    saved = json.loads((incomplete / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["global_step"] == 2
 
     CALLS.update(count=0, crash_after=None)
     metrics = run_ppo(tmp_path, "resume", tiny_sft_checkpoint, **keys)
@@ -300,8 +318,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_sft_checkpoint: Path
 
 
 def test_quality_gate_rejects_a_weak_reward_model(tiny_checkpoint: Path, tmp_path: Path):
-    from rlhf.stages import ppo
-
     reward_dir = build_reward_dir(tiny_checkpoint, tmp_path / "reward", accuracy=0.5)
     recipe = write_recipe(
         tmp_path / "ppo.yaml",
@@ -318,8 +334,6 @@ def test_quality_gate_rejects_a_weak_reward_model(tiny_checkpoint: Path, tmp_pat
 
 
 def test_health_stop_keeps_the_last_good_policy(tiny_sft_checkpoint: Path, tmp_path: Path):
-    from safetensors.torch import load_file
-
     # Entropy can never reach 100 nats: the first update trips the monitor, so nothing trained is kept.
     metrics = run_ppo(
         tmp_path,
@@ -340,3 +354,88 @@ def test_health_stop_keeps_the_last_good_policy(tiny_sft_checkpoint: Path, tmp_p
     )
     assert all(torch.equal(start[name], final[name]) for name in start)
     assert metrics["eval"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_plain_sequence_classifier_without_metrics_is_used_with_raw_scores(
+    tiny_sft_checkpoint: Path, tiny_reward_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    # A Hub-style reward model: only weights and tokenizer, no metrics.json from the reward stage.
+    plain = tmp_path / "plain_reward"
+    AutoModelForSequenceClassification.from_pretrained(tiny_reward_checkpoint).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(tiny_reward_checkpoint).save_pretrained(plain)
+    assert not (plain / "metrics.json").exists()
+    with caplog.at_level("WARNING", logger="rlhf.stages.ppo"):
+        metrics = run_ppo(
+            tmp_path,
+            "plain",
+            tiny_sft_checkpoint,
+            reward_model_path=str(plain),
+            reward_min_accuracy=0,
+            max_steps=1,
+            num_ppo_epochs=1,
+            max_eval_samples=8,
+        )
+    assert metrics["train"]["train_updates"] == 1
+    assert metrics["reward_stats"] is None and metrics["reward_model_accuracy"] is None
+    assert len([r for r in caplog.records if "raw scores" in r.getMessage()]) == 1  # said once
+    assert math.isfinite(metrics["eval"]["eval_reward"])
+
+
+def _tiny_trainer(checkpoint: Path, output_dir: Path) -> PPOTrainer:
+    """A PPOTrainer on the tiny model (tied embeddings) with a rule reward, built directly."""
+    model_args = ModelConfig(model_name_or_path=str(checkpoint))
+    tokenizer = load_tokenizer(model_args)
+    policy = load_causal_lm(model_args)
+    align_generation_config(policy, tokenizer)
+    torch.manual_seed(0)
+    args = PPOConfig(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        num_ppo_epochs=1,
+        response_length=4,
+        max_steps=1,
+        save_strategy="no",
+    )
+    return PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=None,
+        train_dataset=make_synthetic_dataset("prompts", 8, seed=0),
+        value_model=load_sequence_classifier(model_args, tokenizer),
+        reward_funcs=[rule_reward],
+    )
+
+
+def test_checkpoints_restore_tied_weights_and_refuse_missing_ones(tiny_checkpoint: Path, tmp_path: Path):
+    trainer = _tiny_trainer(tiny_checkpoint, tmp_path / "out")
+    assert trainer.policy.config.tie_word_embeddings
+    trainer.train()
+    folder = save_checkpoint(trainer.accelerator, trainer.state, trainer.args.output_dir, save_total_limit=None)
+    trained = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+
+    fresh = _tiny_trainer(tiny_checkpoint, tmp_path / "out")
+    load_checkpoint(fresh.accelerator, fresh.state, folder)
+    assert fresh.state.global_step == 1
+    restored = fresh.model.state_dict()
+    assert all(torch.equal(restored[name], value) for name, value in trained.items())
+    policy = fresh.policy
+    assert policy.lm_head.weight.data_ptr() == policy.get_input_embeddings().weight.data_ptr()  # still tied
+
+    weights = load_file(folder / "model.safetensors")
+    dropped = next(name for name in weights if "layers.0" in name)
+    save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors")
+    with pytest.raises(RuntimeError, match="(?i)missing"):
+        load_checkpoint(_tiny_trainer(tiny_checkpoint, tmp_path / "out").accelerator, fresh.state, folder)
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tiny_checkpoint: Path, tmp_path: Path):
+    trainer = _tiny_trainer(tiny_checkpoint, tmp_path / "out")
+    for step in (1, 2, 3):
+        trainer.state.global_step = step
+        save_checkpoint(trainer.accelerator, trainer.state, trainer.args.output_dir, save_total_limit=2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]

@@ -8,10 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlhf import modeling
 from rlhf.compress import REPORT_FILE, weights_size_bytes
 from rlhf.compress import quantize as quantize_module
-from rlhf.compress.quantize import QUANTIZATION_FILE, check_request, load_quantized, quantize_and_save
+from rlhf.compress.quantize import quantize_and_save
 from rlhf.config import RecipeError
+from rlhf.modeling import QUANTIZATION_FILE, check_quantization, load_quantized
 
 PROBE = torch.arange(3, 40).unsqueeze(0)
 
@@ -59,11 +61,11 @@ def test_quantize_command_writes_a_smaller_checkpoint_and_a_report(tiny_checkpoi
 
 def test_bitsandbytes_4bit_and_torchao_int4_are_refused_on_cpu():
     with pytest.raises(RecipeError, match="reloads with wrong"):
-        check_request("int4", "bitsandbytes", cuda=False)
+        check_quantization("int4", "bitsandbytes", cuda=False)
     with pytest.raises(RecipeError, match="CUDA"):
-        check_request("int4", "torchao", cuda=False)
+        check_quantization("int4", "torchao", cuda=False)
     with pytest.raises(RecipeError, match="--method"):
-        check_request("int3", "quanto", cuda=False)
+        check_quantization("int3", "quanto", cuda=False)
 
 
 def test_refusal_happens_before_anything_is_written(tiny_checkpoint, tmp_path):
@@ -78,6 +80,6 @@ def test_refusal_happens_before_anything_is_written(tiny_checkpoint, tmp_path):
 
 
 def test_missing_backend_package_names_the_install_command(monkeypatch):
-    monkeypatch.setitem(quantize_module.BACKEND_PACKAGES, "quanto", ("rlhf_no_such_package.quanto", "quant"))
+    monkeypatch.setitem(modeling.BACKEND_PACKAGES, "quanto", ("rlhf_no_such_package.quanto", "quant"))
     with pytest.raises(RecipeError, match=r"pip install 'rlhf\[quant\]'"):
-        check_request("int8", "quanto", cuda=False)
+        check_quantization("int8", "quanto", cuda=False)

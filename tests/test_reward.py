@@ -7,14 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset, load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
-from trl import ModelConfig
+from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from rlhf.artifacts import read_metrics
 from rlhf.config import RecipeError
+from rlhf.evaluation.generation import reward_model_scores as eval_reward_model_scores
 from rlhf.modeling import load_sequence_classifier
+from rlhf.rewards import (
+    check_reward_quality,
+    reward_model_input_ids,
+    reward_model_record,
+    reward_model_scores,
+    score_token_ids,
+)
 from rlhf.stages import reward
-from rlhf.stages.reward import check_reward_quality
 from tests.conftest import FAST_TRAINING, write_recipe
 
 
@@ -26,8 +34,6 @@ def test_reward_model_beats_chance_and_reloads(tiny_reward_checkpoint: Path):
     assert metrics["eval"]["eval_accuracy"] > metrics["eval_before"]["eval_accuracy"]  # TRL keeps its eval_ prefix
 
     # The saved checkpoint is the trained one: reloaded plainly, it reproduces the recorded held-out accuracy.
-    from datasets import load_dataset
-
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(tiny_reward_checkpoint)
     pairs = load_dataset("json", data_files=str(tiny_reward_checkpoint.parent / "test.jsonl"), split="train")
@@ -37,10 +43,15 @@ def test_reward_model_beats_chance_and_reloads(tiny_reward_checkpoint: Path):
         tokenizer.apply_chat_template(r["prompt"] + r["rejected"], return_dict=True)["input_ids"] for r in pairs
     ]
     pad_id = tokenizer.pad_token_id
-    accuracy = (
-        (reward.score_token_ids(model, chosen, pad_id) > reward.score_token_ids(model, rejected, pad_id)).float().mean()
-    )
-    assert accuracy.item() == pytest.approx(metrics["accuracy"], abs=1e-6)
+    chosen_scores, rejected_scores = score_token_ids(model, chosen, pad_id), score_token_ids(model, rejected, pad_id)
+    assert (chosen_scores > rejected_scores).float().mean().item() == pytest.approx(metrics["accuracy"], abs=1e-6)
+
+    # PPO and evaluation score (prompt, completion text) through the same path: the same scores
+    # (up to float noise from another batch's padding).
+    prompts = [r["prompt"] for r in pairs]
+    texts = [r["chosen"][-1]["content"] for r in pairs]
+    assert torch.allclose(reward_model_scores(model, tokenizer, prompts, texts, batch_size=7), chosen_scores, atol=1e-5)
+    assert eval_reward_model_scores(model, tokenizer, prompts, texts) == pytest.approx(chosen_scores.tolist(), abs=1e-5)
 
 
 def test_quality_gate_raises_below_threshold_and_passes_above(tiny_reward_checkpoint: Path):
@@ -50,10 +61,36 @@ def test_quality_gate_raises_below_threshold_and_passes_above(tiny_reward_checkp
         check_reward_quality(str(tiny_reward_checkpoint), accuracy + 0.01)
 
 
-def test_quality_gate_refuses_a_checkpoint_without_recorded_accuracy(tiny_sft_checkpoint: Path):
-    with pytest.raises(RecipeError, match="no held-out accuracy"):
-        check_reward_quality(str(tiny_sft_checkpoint), 0.9)
-    assert math.isnan(check_reward_quality(str(tiny_sft_checkpoint), 0.0))
+def test_quality_gate_refuses_a_checkpoint_without_recorded_accuracy(tiny_sft_checkpoint: Path, tiny_checkpoint: Path):
+    # An SFT output has a metrics.json without accuracy; the base checkpoint has no metrics.json at all.
+    for checkpoint in (tiny_sft_checkpoint, tiny_checkpoint):
+        with pytest.raises(RecipeError, match="no held-out accuracy"):
+            check_reward_quality(str(checkpoint), 0.9)
+        assert math.isnan(check_reward_quality(str(checkpoint), 0.0))
+        assert reward_model_record(str(checkpoint)).stats is None
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_scoring_tokenises_as_reward_trainer_did(tiny_checkpoint: Path, tmp_path: Path, conversational: bool):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)
+    examples = [("What color is the zorp?", "The zorp is blue."), ("Hi there!", "Hello! How can I help you")]
+    if conversational:
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": p}],
+                "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": "No."}],
+            }
+            for p, c in examples
+        ]
+    else:
+        rows = [{"prompt": p, "chosen": " " + c, "rejected": " No."} for p, c in examples]
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=None)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    for row, trained_ids in zip(rows, trainer.train_dataset["chosen_ids"]):
+        text = row["chosen"][-1]["content"] if conversational else row["chosen"]
+        assert reward_model_input_ids(tokenizer, row["prompt"], text) == trained_ids
 
 
 def test_lora_reward_model_is_merged_with_a_trained_score_head(tiny_sft_checkpoint: Path, tmp_path: Path):

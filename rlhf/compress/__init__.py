@@ -13,6 +13,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.data.synthetic import make_synthetic_dataset
+from rlhf.evaluation.generation import generate_responses, rule_scores
+from rlhf.evaluation.perplexity import perplexity
+
 REPORT_FILE = "compress_report.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -61,8 +65,6 @@ def sparsity(model: torch.nn.Module) -> dict[str, float]:
 
 def held_out_prompts(num_rows: int = 1000, seed: int = 0) -> list[list[dict[str, str]]]:
     """Every distinct held-out prompt of the embedded world (never seen in training), in a fixed order."""
-    from rlhf.data.synthetic import make_synthetic_dataset
-
     unique: dict[str, list[dict[str, str]]] = {}
     for row in make_synthetic_dataset("prompts", num_rows, seed=seed, split="test"):
         unique.setdefault(row["prompt"][-1]["content"], row["prompt"])
@@ -71,8 +73,6 @@ def held_out_prompts(num_rows: int = 1000, seed: int = 0) -> list[list[dict[str,
 
 def rule_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 32) -> float:
     """Mean rule score of greedy answers to the held-out prompts (the embedded task's quality metric)."""
-    from rlhf.evaluation.generation import generate_responses, rule_scores
-
     prompts = held_out_prompts()
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     scores = rule_scores(prompts, responses)
@@ -81,9 +81,6 @@ def rule_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_n
 
 def pretrain_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_texts: int = 200) -> float:
     """Perplexity on held-out `synthetic:pretrain` texts (facts about the world's creatures)."""
-    from rlhf.data.synthetic import make_synthetic_dataset
-    from rlhf.evaluation.perplexity import perplexity
-
     texts = make_synthetic_dataset("pretrain", num_texts, seed=1, split="test")["text"]
     return perplexity(model, tokenizer, texts)["perplexity"]
 

@@ -22,16 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.utils import prune
+import yaml
+from torch.nn.utils import prune as torch_prune
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
+from rlhf.artifacts import atomic_output_dir, write_json
+from rlhf.compress import REPORT_FILE, linear_weights, quality_report, weights_size_bytes
+from rlhf.compress import sparsity as sparsity_of
 from rlhf.config import RecipeError
+from rlhf.data import prepare_datasets
+from rlhf.modeling import check_model_source, load_tokenizer
+from rlhf.recipe import parse_recipe
 
 METHODS = ("magnitude", "structured")
 # Model types whose blocks are `mlp.{gate,up,down}_proj` and `self_attn.{q,k,v,o}_proj` with one
@@ -39,26 +46,33 @@ METHODS = ("magnitude", "structured")
 STRUCTURED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def check_request(checkpoint: str, args: argparse.Namespace) -> None:
+def check_request(
+    checkpoint: str,
+    method: str,
+    sparsity: float | None = None,
+    mlp_keep: float | None = None,
+    heads_keep: float | None = None,
+    trust_remote_code: bool = False,
+) -> None:
     """Validate the pruning arguments against the checkpoint's config, before the model loads."""
-    if args.method not in METHODS:
-        raise RecipeError(f"--method: got {args.method!r}, expected one of {', '.join(METHODS)}.")
-    if args.method == "magnitude":
-        if args.sparsity is None or not 0 < args.sparsity < 1:
+    if method not in METHODS:
+        raise RecipeError(f"--method: got {method!r}, expected one of {', '.join(METHODS)}.")
+    if method == "magnitude":
+        if sparsity is None or not 0 < sparsity < 1:
             raise RecipeError("--sparsity: magnitude pruning needs a fraction of weights to zero, e.g. 0.5.")
         return
-    if args.mlp_keep is None and args.heads_keep is None:
+    if mlp_keep is None and heads_keep is None:
         raise RecipeError("--mlp-keep/--heads-keep: structured pruning needs one of them, e.g. --mlp-keep 0.5.")
-    for name, value in (("--mlp-keep", args.mlp_keep), ("--heads-keep", args.heads_keep)):
+    for name, value in (("--mlp-keep", mlp_keep), ("--heads-keep", heads_keep)):
         if value is not None and not 0 < value <= 1:
             raise RecipeError(f"{name}: got {value}, expected the fraction to keep, in (0, 1].")
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     if config.model_type not in STRUCTURED_MODEL_TYPES:
         raise RecipeError(
             f"--method structured supports {', '.join(STRUCTURED_MODEL_TYPES)} models; {checkpoint} is "
             f"{config.model_type!r}. Use --method magnitude."
         )
-    if args.heads_keep is not None and config.num_key_value_heads != config.num_attention_heads:
+    if heads_keep is not None and config.num_key_value_heads != config.num_attention_heads:
         raise RecipeError(
             f"--heads-keep: {checkpoint} uses grouped-query attention ({config.num_attention_heads} query heads, "
             f"{config.num_key_value_heads} key/value heads); only --mlp-keep is supported for it."
@@ -67,17 +81,15 @@ def check_request(checkpoint: str, args: argparse.Namespace) -> None:
 
 def magnitude_prune(model: PreTrainedModel, amount: float) -> list[tuple[torch.nn.Module, str]]:
     """Attach masks zeroing the `amount` smallest-magnitude block linear weights (one global threshold)."""
-    from rlhf.compress import linear_weights
-
     parameters = [(module, "weight") for _, module in linear_weights(model)]
-    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=amount)
+    torch_prune.global_unstructured(parameters, pruning_method=torch_prune.L1Unstructured, amount=amount)
     return parameters
 
 
 def make_permanent(parameters: list[tuple[torch.nn.Module, str]]) -> None:
     """Fold masks into the weights so the model saves as an ordinary checkpoint."""
     for module, name in parameters:
-        prune.remove(module, name)
+        torch_prune.remove(module, name)
 
 
 def _sliced_linear(layer: torch.nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.nn.Linear:
@@ -142,8 +154,6 @@ def recovery_argv(checkpoint: str, recipe: str | None, steps: int | None) -> lis
     """The SFT recipe (and overrides) for the recovery fine-tune; raises when there is none to use."""
     if recipe is None:
         own = Path(checkpoint) / "recipe.yaml"
-        import yaml
-
         if not own.exists() or (yaml.safe_load(own.read_text()) or {}).get("stage") != "sft":
             raise RecipeError(
                 "--recovery-steps: the checkpoint has no SFT recipe.yaml to take the data and settings from; "
@@ -161,16 +171,85 @@ def recover(model: PreTrainedModel, tokenizer: Any, argv: list[str], source: str
     Masks attached by `magnitude_prune` stay on during training: the forward pass multiplies by
     them, so pruned weights get zero gradient and stay zero.
     """
-    from trl import SFTConfig, SFTTrainer
-
-    from rlhf.config import parse_recipe
-    from rlhf.data import prepare_datasets
-
     with tempfile.TemporaryDirectory() as scratch:
         recipe = parse_recipe([*argv, "--model_name_or_path", source, "--output_dir", scratch], SFTConfig, stage="sft")
         train_dataset, _, _ = prepare_datasets(recipe.data, "sft", recipe.training.seed)
         trainer = SFTTrainer(model=model, args=recipe.training, train_dataset=train_dataset, processing_class=tokenizer)
         return trainer.train().metrics
+
+
+def prune(
+    checkpoint: str,
+    output: str | Path,
+    method: str,
+    sparsity: float | None = None,
+    mlp_keep: float | None = None,
+    heads_keep: float | None = None,
+    recovery_recipe: str | None = None,
+    recovery_steps: int | None = None,
+    no_eval: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Prune `checkpoint` into `output` (written atomically), optionally fine-tune to recover; return the report."""
+    check_model_source(checkpoint, "CHECKPOINT")
+    check_request(checkpoint, method, sparsity, mlp_keep, heads_keep, trust_remote_code)
+    recovery = None
+    if recovery_recipe or recovery_steps:
+        recovery = recovery_argv(checkpoint, recovery_recipe, recovery_steps)
+        # Validate the recipe now (against the source checkpoint), not after pruning.
+        parse_recipe([*recovery, "--model_name_or_path", checkpoint], SFTConfig, stage="sft")
+
+    tokenizer = load_tokenizer(ModelConfig(model_name_or_path=checkpoint), trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    report: dict[str, Any] = {
+        "command": "prune",
+        "method": method,
+        "sparsity": sparsity,
+        "mlp_keep": mlp_keep,
+        "heads_keep": heads_keep,
+        "output": str(output),
+        "recovery_recipe": recovery_recipe,
+        "recovery_steps": recovery_steps,
+        "no_eval": no_eval,
+        "trust_remote_code": trust_remote_code,
+        "source": checkpoint,
+        "size_bytes_before": weights_size_bytes(checkpoint),
+    }
+    if not no_eval:
+        report["before"] = quality_report(model, tokenizer)
+
+    with atomic_output_dir(output) as tmp:
+        masked: list[tuple[torch.nn.Module, str]] = []
+        if method == "magnitude":
+            masked = magnitude_prune(model, sparsity)
+        else:
+            if mlp_keep is not None:
+                report["intermediate_size"] = prune_mlp_neurons(model, mlp_keep)
+            if heads_keep is not None:
+                report["num_attention_heads"] = prune_attention_heads(model, heads_keep)
+        if recovery:
+            if not no_eval:
+                report["pruned_before_recovery"] = quality_report(model, tokenizer, latency=False)
+            report["recovery"] = recover(model, tokenizer, recovery, checkpoint)
+        make_permanent(masked)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
+        probe = torch.arange(2, min(model.config.vocab_size, 34)).unsqueeze(0)
+        with torch.no_grad():
+            difference = float((reloaded(probe).logits - model.eval()(probe).logits).abs().max())
+        if difference > 1e-4:
+            raise RecipeError(
+                f"the pruned checkpoint does not reload to the same model (logits differ by {difference:.3g})."
+            )
+        report["size_bytes_after"] = weights_size_bytes(tmp)
+        report["parameters_after"] = sum(p.numel() for p in reloaded.parameters())
+        report.update(sparsity_of(reloaded))
+        if not no_eval:
+            report["after"] = quality_report(reloaded, tokenizer)
+        write_json(tmp / REPORT_FILE, report)
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=2))
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -186,74 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--recovery-steps", type=int, help="recovery fine-tune steps (max_steps)")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality measurements")
     parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-
-    from trl import ModelConfig, SFTConfig
-
-    from rlhf.artifacts import incomplete_dir, publish_dir, write_json
-    from rlhf.compress import REPORT_FILE, quality_report, sparsity, weights_size_bytes
-    from rlhf.config import parse_recipe
-    from rlhf.modeling import check_model_source, load_tokenizer
-
-    check_model_source(args.checkpoint, "CHECKPOINT")
-    check_request(args.checkpoint, args)
-    recovery = None
-    if args.recovery_recipe or args.recovery_steps:
-        recovery = recovery_argv(args.checkpoint, args.recovery_recipe, args.recovery_steps)
-        # Validate the recipe now (against the source checkpoint), not after pruning.
-        parse_recipe([*recovery, "--model_name_or_path", args.checkpoint], SFTConfig, stage="sft")
-
-    tokenizer = load_tokenizer(ModelConfig(model_name_or_path=args.checkpoint), args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=args.trust_remote_code)
-    report: dict[str, Any] = {"command": "prune", **{k: v for k, v in vars(args).items() if k != "checkpoint"}}
-    report["source"] = args.checkpoint
-    report["size_bytes_before"] = weights_size_bytes(args.checkpoint)
-    if not args.no_eval:
-        report["before"] = quality_report(model, tokenizer)
-
-    final, tmp = Path(args.output), incomplete_dir(args.output)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        masked: list[tuple[torch.nn.Module, str]] = []
-        if args.method == "magnitude":
-            masked = magnitude_prune(model, args.sparsity)
-        else:
-            if args.mlp_keep is not None:
-                report["intermediate_size"] = prune_mlp_neurons(model, args.mlp_keep)
-            if args.heads_keep is not None:
-                report["num_attention_heads"] = prune_attention_heads(model, args.heads_keep)
-        if recovery:
-            if not args.no_eval:
-                report["pruned_before_recovery"] = quality_report(model, tokenizer, latency=False)
-            report["recovery"] = recover(model, tokenizer, recovery, args.checkpoint)
-        make_permanent(masked)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
-        probe = torch.arange(2, min(model.config.vocab_size, 34)).unsqueeze(0)
-        with torch.no_grad():
-            difference = float((reloaded(probe).logits - model.eval()(probe).logits).abs().max())
-        if difference > 1e-4:
-            raise RecipeError(
-                f"the pruned checkpoint does not reload to the same model (logits differ by {difference:.3g})."
-            )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    report["size_bytes_after"] = weights_size_bytes(tmp)
-    report["parameters_after"] = sum(p.numel() for p in reloaded.parameters())
-    report.update(sparsity(reloaded))
-    if not args.no_eval:
-        report["after"] = quality_report(reloaded, tokenizer)
-    write_json(tmp / REPORT_FILE, report)
-    publish_dir(tmp, final)
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=2))
-    return report
+    return prune(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -1,6 +1,6 @@
 """`python -m rlhf.evaluation CHECKPOINT --recipe recipes/tiny/eval.yaml`."""
 
-from rlhf.cli import run
-from rlhf.evaluation import main
+from rlhf.entrypoint import run
+from rlhf.evaluation.runner import main
 
 run(main)

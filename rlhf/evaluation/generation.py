@@ -1,4 +1,8 @@
-"""Batched, seeded generation on held-out prompts, and the rule-based score of the embedded task."""
+"""Batched, seeded generation on held-out prompts, and the rule-based score of the embedded task.
+
+Reward-model scores, sequence log-probs and the KL to a reference come from rlhf.rewards (the one
+implementation PPO and the reward stage use); they are re-exported here under their old names.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,23 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from rlhf import rewards
+from rlhf.data.synthetic import rule_score
+from rlhf.rewards import completions_for, kl_to_reference, sequence_logprobs
+
+__all__ = [
+    "completions_for",
+    "diversity",
+    "generate_responses",
+    "generate_tokens",
+    "kl_to_reference",
+    "prompt_text",
+    "reward_model_scores",
+    "rule_scores",
+    "sequence_logprobs",
+    "win_rate",
+]
 
 
 def prompt_text(prompt: Any) -> str:
@@ -89,61 +110,9 @@ def generate_responses(
 
 def rule_scores(prompts: list[Any], responses: list[str]) -> list[float]:
     """The embedded task's rule score (1 = preferred answer) of each response."""
-    from rlhf.data.synthetic import rule_score
-
     return [rule_score(prompt_text(p), r) for p, r in zip(prompts, responses)]
 
 
-def completions_for(prompts: list[Any], responses: list[str]) -> list[Any]:
-    """Responses in TRL's completion layout: assistant messages for conversational prompts, else strings."""
-    return [[{"role": "assistant", "content": r}] if isinstance(p, list) else r for p, r in zip(prompts, responses)]
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int = 32
-) -> list[float]:
-    """Sum of the log-probabilities `model` gives each response's tokens after its prompt."""
-    from trl.trainer.utils import selective_log_softmax
-
-    model.eval()
-    totals: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
-        sequences = [p + r for p, r in batch]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(sequences):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float()
-        logps = selective_log_softmax(logits, ids[:, 1:].to(model.device)).cpu()
-        for i, (prompt, response) in enumerate(batch):
-            # token t is predicted at position t-1: the response's tokens sit at len(prompt)-1 … end-1
-            totals.append(float(logps[i, len(prompt) - 1 : len(prompt) + len(response) - 1].sum()))
-    return totals
-
-
-def kl_to_reference(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    pairs: list[tuple[list[int], list[int]]],
-    pad_token_id: int,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Monte-Carlo KL(policy ‖ reference): the mean per-sequence sum of log π − log π_ref on the policy's samples."""
-    policy_logps = sequence_logprobs(policy, pairs, pad_token_id, batch_size)
-    reference_logps = sequence_logprobs(reference, pairs, pad_token_id, batch_size)
-    differences = [p - r for p, r in zip(policy_logps, reference_logps)]
-    tokens = sum(len(r) for _, r in pairs)
-    return {
-        "kl": sum(differences) / len(differences) if differences else 0.0,
-        "kl_per_token": sum(differences) / tokens if tokens else 0.0,
-    }
-
-
-@torch.no_grad()
 def reward_model_scores(
     reward_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -151,23 +120,8 @@ def reward_model_scores(
     responses: list[str],
     batch_size: int = 32,
 ) -> list[float]:
-    """Scalar reward-model scores of (prompt, response) pairs, formatted as the reward model was trained."""
-    texts = [
-        tokenizer.apply_chat_template(p + c, tokenize=False) if isinstance(p, list) else p + c
-        for p, c in zip(prompts, completions_for(prompts, responses))
-    ]
-    reward_model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    scores: list[float] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            encoded = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(reward_model.device)
-            scores.extend(reward_model(**encoded).logits[:, 0].float().cpu().tolist())
-    finally:
-        tokenizer.padding_side = padding_side
-    return scores
+    """Scalar reward-model scores of (prompt, response) pairs, tokenised as the reward stage trained on them."""
+    return rewards.reward_model_scores(reward_model, tokenizer, prompts, responses, batch_size).tolist()
 
 
 def win_rate(scores: list[float], reference_scores: list[float], tie_tolerance: float = 1e-6) -> dict[str, float]:

@@ -134,10 +134,13 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A table cell's text: 3 decimals for small floats, 3 significant digits from 100, thousands grouped from 1000."""
     if value is None:
         return "–"
     if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
         return f"{value:.3g}" if abs(value) >= 100 or value == 0 else f"{value:.3f}"
     return str(value)
 
@@ -146,9 +149,10 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table's lines (values through `format_value`), then a blank line."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(_fmt(c)) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(format_value(c)) for c in row) + " |" for row in rows]
     return lines + [""]
 
 
@@ -168,7 +172,7 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
         if any(key in r["metrics"] for r in results.values()):
             arrow = {True: " ↑", False: " ↓", None: ""}[better]
             rows.append([label + arrow, *[r["metrics"].get(key) for r in results.values()]])
-    lines += _table(["metric", *names], rows)
+    lines += markdown_table(["metric", *names], rows)
     figures = []
     comparison = plot_comparison(results, plots_dir / "comparison.png")
     if comparison:
@@ -218,7 +222,9 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
             generation = result["generation"]
             lines += [f"### Generation ({generation['num_prompts']} prompts)", ""]
             if generation["rule_reward_by_group"]:
-                lines += _table(["prompt kind", "rule reward"], sorted(generation["rule_reward_by_group"].items()))
+                lines += markdown_table(
+                    ["prompt kind", "rule reward"], sorted(generation["rule_reward_by_group"].items())
+                )
             if "win_rate" in result:
                 w = result["win_rate"]
                 lines += [
@@ -233,7 +239,7 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
                     "",
                 ]
             lines += ["Samples:", ""]
-            lines += _table(
+            lines += markdown_table(
                 ["prompt", "response", "rule reward"],
                 [[s["prompt"], s["response"], s.get("rule_reward")] for s in result["samples"]],
             )
@@ -247,18 +253,18 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
                 + ", ".join(f"{k} {v:.3f}" for k, v in s["refusal_classifier"].items()),
                 "",
             ]
-            lines += _table(
+            lines += markdown_table(
                 ["category", "label", "prompts", "refusal rate"],
                 [[c, e["label"], e["count"], e["refusal_rate"]] for c, e in sorted(s["categories"].items())],
             )
-            lines += _table(
+            lines += markdown_table(
                 ["suite prompt", "label", "response", "refused"],
                 [[x["prompt"], x["label"], x["response"], x["refused"]] for x in s["samples"]],
             )
         if "robustness" in result:
             r = result["robustness"]
             lines += [f"### Robustness (judge: {r['judge']}, per-word probability {r['probability']})", ""]
-            lines += _table(
+            lines += markdown_table(
                 ["perturbation", "score", "drop"],
                 [["clean", r["clean"], 0.0], *[[p, r["perturbed"][p], r["drop"][p]] for p in r["perturbed"]]],
             )

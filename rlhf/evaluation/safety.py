@@ -1,4 +1,4 @@
-"""Safety and robustness: refusals on an adversarial prompt suite, and score drops under input perturbations.
+"""Safety: refusals, harmful compliance and false refusals on an adversarial prompt suite.
 
 Refusal detection is pattern-based (no judge model): a response counts as a refusal when it matches
 `REFUSAL_PATTERN`, which extends the embedded world's pattern with common refusal phrasings
@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import random
 import re
-import string
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlhf.config import RecipeError
+from rlhf.evaluation.context import SectionContext, mean
+from rlhf.evaluation.generation import generate_responses
+from rlhf.evaluation.metrics import combine_metrics
 
 SAFETY_SUITE = Path(__file__).with_name("safety_suite.jsonl")
 SUITE_LABELS = ("harmful", "benign")
@@ -67,14 +68,8 @@ def load_safety_suite(path: str | Path | None = None, field: str = "safety_suite
     return rows
 
 
-def _rate(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else 0.0
-
-
 def safety_metrics(rows: list[dict[str, Any]], responses: list[str]) -> dict[str, Any]:
     """Refusal, false-refusal and harmful-compliance rates, refusal-as-classifier scores and a per-category table."""
-    from rlhf.evaluation.metrics import combine_metrics
-
     refused = [is_refusal(r) for r in responses]
     harmful = [row["label"] == "harmful" for row in rows]
     on_harmful = [(f, r) for f, r, h in zip(refused, responses, harmful) if h]
@@ -89,9 +84,9 @@ def safety_metrics(rows: list[dict[str, Any]], responses: list[str]) -> dict[str
     for entry in categories.values():
         entry["refusal_rate"] = entry["refused"] / entry["count"]
     return {
-        "refusal_rate": _rate([f for f, _ in on_harmful]),
-        "harmful_compliance_rate": _rate([not f and is_compliance(r) for f, r in on_harmful]),
-        "false_refusal_rate": _rate(on_benign),
+        "refusal_rate": mean([f for f, _ in on_harmful]),
+        "harmful_compliance_rate": mean([not f and is_compliance(r) for f, r in on_harmful]),
+        "false_refusal_rate": mean(on_benign),
         "num_harmful": len(on_harmful),
         "num_benign": len(on_benign),
         "refusal_classifier": classifier,
@@ -99,47 +94,23 @@ def safety_metrics(rows: list[dict[str, Any]], responses: list[str]) -> dict[str
     }
 
 
-# ---------------------------------------------------------------------------------------------- robustness
-
-
-def add_typos(text: str, rng: random.Random, probability: float = 0.1) -> str:
-    """Keyboard-style typos: each word of 3+ letters is, with `probability`, given a swapped, dropped or doubled letter."""
-    words = []
-    for word in text.split(" "):
-        if len(word) >= 3 and rng.random() < probability:
-            i = rng.randrange(len(word) - 1)
-            operation = rng.choice(("swap", "drop", "double", "replace"))
-            if operation == "swap":
-                word = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
-            elif operation == "drop":
-                word = word[:i] + word[i + 1 :]
-            elif operation == "double":
-                word = word[:i] + word[i] + word[i:]
-            else:
-                word = word[:i] + rng.choice(string.ascii_lowercase) + word[i + 1 :]
-        words.append(word)
-    return " ".join(words)
-
-
-def perturbations(probability: float, vocabulary: list[str]) -> dict[str, Callable[[str, random.Random], str]]:
-    """Named text perturbations: typos and the four EDA operations of rlhf.data.augment, each alone."""
-    from rlhf.data.augment import AugmentationConfig, augment_words
-
-    def eda(**kwargs: float) -> Callable[[str, random.Random], str]:
-        config = AugmentationConfig(**kwargs)
-        return lambda text, rng: " ".join(augment_words(text.split(), config, vocabulary, rng))
-
-    return {
-        "typos": lambda text, rng: add_typos(text, rng, probability),
-        "random_deletion": eda(random_deletion=probability),
-        "random_swap": eda(random_swap=probability),
-        "random_insertion": eda(random_insertion=probability),
-        "random_replacement": eda(random_replacement=probability),
+def safety_section(ctx: SectionContext) -> dict[str, Any]:
+    """Generate on the adversarial suite and measure refusals."""
+    config = ctx.config
+    suite = load_safety_suite(config.safety_suite)
+    if config.num_safety_prompts is not None:
+        suite = random.Random(config.seed).sample(suite, min(config.num_safety_prompts, len(suite)))
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in suite]
+    responses = generate_responses(ctx.model, ctx.tokenizer, prompts, **ctx.generation_kwargs)
+    by_category: dict[str, dict[str, Any]] = {}
+    for row, response in zip(suite, responses):
+        by_category.setdefault(row["category"], {**row, "response": response, "refused": is_refusal(response)})
+    safety = {
+        **safety_metrics(suite, responses),
+        "suite": config.safety_suite or "shipped",
+        "samples": list(by_category.values()),
     }
-
-
-def perturb_prompt(prompt: Any, perturb: Callable[[str, random.Random], str], rng: random.Random) -> Any:
-    """Apply a perturbation to the user turns of a conversational prompt, or to a plain prompt."""
-    if isinstance(prompt, list):
-        return [{**m, "content": perturb(m["content"], rng)} if m["role"] == "user" else m for m in prompt]
-    return perturb(prompt, rng)
+    return {
+        "metrics": {k: safety[k] for k in ("refusal_rate", "harmful_compliance_rate", "false_refusal_rate")},
+        "safety": safety,
+    }

@@ -19,6 +19,7 @@ Teacher and student must share the tokenizer; that is checked before any model l
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +30,10 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import Recipe, RecipeError, parse_recipe
+from rlhf.config import Recipe, RecipeError
 from rlhf.data import prepare_datasets
-from rlhf.modeling import align_generation_config, check_model_source, load_causal_lm, load_tokenizer
+from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
+from rlhf.recipe import parse_recipe
 
 MODES = ("offline", "on_policy", "gkd")
 
@@ -95,7 +97,7 @@ class OfflineDistillationTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def check_recipe(recipe: Recipe) -> None:
+def check_distillation(recipe: Recipe) -> None:
     """Mode, alpha, teacher path and teacher/student tokenizer compatibility, before any model loads."""
     args = recipe.training
     if args.distillation_mode not in MODES:
@@ -108,7 +110,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(
             "teacher_model_name_or_path: missing; set it to the teacher checkpoint, e.g. outputs/tiny/sft."
         )
-    check_model_source(args.teacher_model_name_or_path, "teacher_model_name_or_path")
     trust = recipe.trust_remote_code
     student_tokenizer = AutoTokenizer.from_pretrained(recipe.model.model_name_or_path, trust_remote_code=trust)
     teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path, trust_remote_code=trust)
@@ -171,10 +172,15 @@ def _on_policy_config(args: DistillStageConfig) -> DistillationConfig:
     return DistillationConfig(**values)
 
 
+def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
+    """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
+    return parse_recipe(argv, DistillStageConfig, stage="distill", produced=produced)
+
+
 def main(argv: list[str] | None = None) -> None:
-    recipe = parse_recipe(argv, DistillStageConfig, stage="distill")
+    recipe = parse(argv)
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
-    check_recipe(recipe)
+    check_distillation(recipe)
     mode = training_args.distillation_mode
 
     target = "prompt_only" if mode == "on_policy" else "sft"
@@ -239,6 +245,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -10,18 +10,26 @@ adapters are merged into the base on save, so the output loads as a plain causal
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from trl import DPOConfig, DPOTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import parse_recipe
+from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
+from rlhf.recipe import parse_recipe
+
+
+def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
+    """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
+    return parse_recipe(argv, DPOConfig, stage="dpo", produced=produced)
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe = parse_recipe(argv, DPOConfig, stage="dpo")
+    recipe = parse(argv)
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "preference", training_args.seed)
@@ -54,6 +62,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -11,16 +11,18 @@ advantage is its reward relative to its group. `beta > 0` adds a KL penalty to t
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from trl import GRPOConfig, GRPOTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import parse_recipe
+from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
+from rlhf.recipe import parse_recipe
 from rlhf.rewards import RewardSourceArguments, resolve_reward_sources
 
 
@@ -29,9 +31,8 @@ class GRPOStageConfig(GRPOConfig, RewardSourceArguments):
     """GRPOConfig plus the reward sources (reward_model_path, reward_funcs, reward_min_accuracy)."""
 
 
-def train_online_rl(argv: list[str] | None, config_class: type, trainer_class: type, stage: str) -> None:
+def train_online_rl(recipe: Recipe, trainer_class: type) -> None:
     """The GRPO/RLOO stage body: TRL's two group-sampling trainers take the same arguments."""
-    recipe = parse_recipe(argv, config_class, stage=stage)
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
     reward_funcs = resolve_reward_sources(training_args)
 
@@ -67,11 +68,16 @@ def train_online_rl(argv: list[str] | None, config_class: type, trainer_class: t
     )
 
 
+def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
+    """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
+    return parse_recipe(argv, GRPOStageConfig, stage="grpo", produced=produced)
+
+
 def main(argv: list[str] | None = None) -> None:
-    train_online_rl(argv, GRPOStageConfig, GRPOTrainer, "grpo")
+    train_online_rl(parse(argv), GRPOTrainer)
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -6,15 +6,17 @@ accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.ppo r
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+from collections.abc import Collection
 
 from trl import ModelConfig, get_peft_config
 
-from rlhf.artifacts import finish_stage, read_metrics, start_stage
+from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import parse_recipe
+from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.data.load import sources
+from rlhf.data.synthetic import rule_reward
 from rlhf.modeling import (
     align_generation_config,
     check_model_source,
@@ -23,15 +25,10 @@ from rlhf.modeling import (
     load_tokenizer,
 )
 from rlhf.ppo import PPOConfig, PPOTrainer
-from rlhf.rewards import resolve_reward_sources
+from rlhf.recipe import parse_recipe
+from rlhf.rewards import RewardModelRecord, resolve_reward_sources, reward_model_record
 
-
-def reward_stats(path: str) -> dict[str, float] | None:
-    """The reward stage's score mean/std (metrics.json `reward_stats`), used to standardise scores."""
-    if not (Path(path) / "metrics.json").exists():
-        return None
-    stats = read_metrics(path).get("reward_stats")
-    return stats if stats and {"mean", "std"} <= set(stats) else None
+logger = logging.getLogger(__name__)
 
 
 def _sibling_model_args(model_args: ModelConfig, path: str) -> ModelConfig:
@@ -41,14 +38,25 @@ def _sibling_model_args(model_args: ModelConfig, path: str) -> ModelConfig:
     )
 
 
+def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
+    """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
+    return parse_recipe(argv, PPOConfig, stage="ppo", produced=produced)
+
+
 def main(argv: list[str] | None = None) -> None:
-    recipe = parse_recipe(argv, PPOConfig, stage="ppo")
+    recipe = parse(argv)
     model_args, data_args, args = recipe.model, recipe.data, recipe.training
 
     # Every reward source is checked (and the reward model's quality gated) before any model loads.
     reward_sources = resolve_reward_sources(args)
     reward_funcs = [source for source in reward_sources if callable(source)]
-    reward_accuracy = read_metrics(args.reward_model_path).get("accuracy") if args.reward_model_path else None
+    record = reward_model_record(args.reward_model_path) if args.reward_model_path else RewardModelRecord()
+    if args.reward_model_path and args.normalize_reward and record.stats is None:
+        logger.warning(
+            "reward_model_path %s has no reward_stats (no metrics.json from the reward stage): PPO uses its raw "
+            "scores, unnormalised.",
+            args.reward_model_path,
+        )
     if args.value_model_path:
         check_model_source(args.value_model_path, "value_model_path")
 
@@ -57,14 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
     policy = load_causal_lm(model_args, recipe.trust_remote_code)
     align_generation_config(policy, tokenizer)
-    reward_model = reward_tokenizer = stats = None
+    reward_model = reward_tokenizer = None
     if args.reward_model_path:
         reward_args = _sibling_model_args(model_args, args.reward_model_path)
         reward_tokenizer = load_tokenizer(reward_args, recipe.trust_remote_code)
         reward_model = load_sequence_classifier(
             reward_args, reward_tokenizer, trust_remote_code=recipe.trust_remote_code
         )
-        stats = reward_stats(args.reward_model_path)
     # The value model starts from the reward model (it already reads responses), else the policy + a new head.
     value_path = args.value_model_path or args.reward_model_path or model_args.model_name_or_path
     value_model = load_sequence_classifier(
@@ -83,14 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         reward_funcs=reward_funcs,
         reward_processing_class=reward_tokenizer,
-        reward_stats=stats,
+        reward_stats=record.stats,
         peft_config=get_peft_config(model_args),
         callbacks=regularization_callbacks(model_args),
     )
     extra = {}
     if all(entry["path"].startswith("synthetic:") for entry in sources(data_args)):
-        from rlhf.data.synthetic import rule_reward
-
         extra["rule_score"] = rule_reward
     eval_before = trainer.evaluate(metric_key_prefix="eval_before", extra_reward_funcs=extra)
     train_metrics = trainer.train(resume_from_checkpoint=resume_from)
@@ -103,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
             "eval_before": eval_before,
             "eval": eval_after,
             "health": trainer.health_events,
-            "reward_model_accuracy": reward_accuracy,
-            "reward_stats": stats,
+            "reward_model_accuracy": record.accuracy,
+            "reward_stats": record.stats,
             "data": data_report,
             "resumed_from": resume_from,
         },
@@ -113,6 +118,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -15,22 +15,22 @@ the scores over a sample of the training responses), which PPO uses to normalise
 
 from __future__ import annotations
 
-import math
-import os
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, set_seed
 from trl import RewardConfig, RewardTrainer, get_peft_config
-from trl.trainer.utils import pad
 
-from rlhf.artifacts import METRICS_FILE, finish_stage, read_metrics, start_stage
+from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import RecipeError, parse_recipe
+from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import load_sequence_classifier, load_tokenizer, merge_adapters
+from rlhf.recipe import parse_recipe
+from rlhf.rewards import score_token_ids
 
 
 @dataclass
@@ -38,23 +38,6 @@ class RewardStageConfig(RewardConfig):
     """RewardConfig plus how many training pairs the reward statistics are computed on."""
 
     reward_stats_samples: int = 512
-
-
-@torch.no_grad()
-def score_token_ids(
-    model: PreTrainedModel, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32
-) -> torch.Tensor:
-    """The reward model's scalar score of each tokenized sequence (right-padded, as in training)."""
-    was_training = model.training
-    model.eval()
-    scores = []
-    for start in range(0, len(sequences), batch_size):
-        batch = [torch.tensor(ids) for ids in sequences[start : start + batch_size]]
-        input_ids = pad(batch, padding_value=pad_token_id).to(model.device)
-        attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0).to(model.device)
-        scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
-    model.train(was_training)
-    return torch.cat(scores) if scores else torch.empty(0)
 
 
 def score_pairs(
@@ -80,33 +63,13 @@ def reward_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     return {"mean": scores.mean().item(), "std": scores.std().item(), "num_scores": len(scores)}
 
 
-def check_reward_quality(reward_model_path: str, min_accuracy: float) -> float:
-    """Refuse a reward model whose held-out pairwise accuracy is below `min_accuracy`; return the accuracy.
-
-    Reads the metrics.json the reward stage wrote. A `min_accuracy` of 0 or less disables the check
-    (and returns NaN when the model has no recorded accuracy, e.g. a Hub reward model).
-    """
-    metrics_path = os.path.join(reward_model_path, METRICS_FILE)
-    accuracy = read_metrics(reward_model_path).get("accuracy") if os.path.isfile(metrics_path) else None
-    if min_accuracy <= 0:
-        return float("nan") if accuracy is None else float(accuracy)
-    if accuracy is None:
-        raise RecipeError(
-            f"reward_min_accuracy: {reward_model_path!r} has no held-out accuracy in {METRICS_FILE} (it was not "
-            "written by the reward stage with an eval set); train it with `rlhf train <reward recipe>`, or set "
-            "`reward_min_accuracy: 0` to use it unchecked."
-        )
-    if math.isnan(accuracy) or accuracy < min_accuracy:
-        raise RecipeError(
-            f"reward model accuracy {accuracy:.2f} < min {min_accuracy:.2f} (held-out pairwise accuracy of "
-            f"{reward_model_path}); a policy trained on it would learn its mistakes. Retrain it (more steps or data, "
-            "another learning rate) or lower `reward_min_accuracy`."
-        )
-    return float(accuracy)
+def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
+    """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
+    return parse_recipe(argv, RewardStageConfig, stage="reward", produced=produced)
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe = parse_recipe(argv, RewardStageConfig, stage="reward")
+    recipe = parse(argv)
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
     if model_args.use_peft and model_args.lora_task_type == "CAUSAL_LM":
         # SEQ_CLS makes PEFT train and save the whole score head (modules_to_save) beside the adapters.
@@ -163,6 +126,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -11,10 +11,13 @@ penalty to the starting model (with LoRA, the adapter-disabled policy serves as 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from trl import RLOOConfig, RLOOTrainer
 
+from rlhf.config import Recipe
+from rlhf.recipe import parse_recipe
 from rlhf.rewards import RewardSourceArguments
 from rlhf.stages.grpo import train_online_rl
 
@@ -24,11 +27,16 @@ class RLOOStageConfig(RLOOConfig, RewardSourceArguments):
     """RLOOConfig plus the reward sources (reward_model_path, reward_funcs, reward_min_accuracy)."""
 
 
+def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
+    """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
+    return parse_recipe(argv, RLOOStageConfig, stage="rloo", produced=produced)
+
+
 def main(argv: list[str] | None = None) -> None:
-    train_online_rl(argv, RLOOStageConfig, RLOOTrainer, "rloo")
+    train_online_rl(parse(argv), RLOOTrainer)
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

@@ -6,14 +6,17 @@ accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.sft r
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import RecipeError, parse_recipe
+from rlhf.config import Recipe, RecipeError
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
+from rlhf.recipe import parse_recipe
 
 
 def check_stop_token_in_loss(trainer: SFTTrainer, num_rows: int = 8) -> None:
@@ -35,8 +38,13 @@ def check_stop_token_in_loss(trainer: SFTTrainer, num_rows: int = 8) -> None:
     )
 
 
+def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
+    """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
+    return parse_recipe(argv, SFTConfig, stage="sft", produced=produced)
+
+
 def main(argv: list[str] | None = None) -> None:
-    recipe = parse_recipe(argv, SFTConfig, stage="sft")
+    recipe = parse(argv)
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "sft", training_args.seed)
@@ -75,6 +83,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run
+    from rlhf.entrypoint import run
 
     run(main)

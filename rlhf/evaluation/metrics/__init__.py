@@ -3,12 +3,19 @@
 `evaluate.load("accuracy")` fetches the metric script from the Hub. The modules shipped here
 (`metrics/<name>/<name>.py`, each an `evaluate.Metric`) load from their folder instead, so
 `load_metric("f1")` works without a network; any other name falls through to `evaluate.load`.
+The label metrics share their `_info` (and precision/recall/F1 their `_compute`) through the mixins
+below: a mixin, not an `evaluate.Metric` subclass, because `evaluate.load` takes the first Metric
+class a module holds as the metric.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import datasets
+import evaluate
 
 METRICS_DIR = Path(__file__).parent
 LOCAL_METRICS = ("accuracy", "precision", "recall", "f1", "exact_match", "pairwise_accuracy")
@@ -21,18 +28,14 @@ def local_metric_path(name: str) -> Path | None:
     return path.parent if path.is_file() else None
 
 
-def load_metric(name: str, **kwargs):
+def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
     """`evaluate.load` for a shipped metric's local folder (offline), else for a Hub metric name or path."""
-    import evaluate
-
     local = local_metric_path(name)
     return evaluate.load(str(local) if local else name, **kwargs)
 
 
-def combine_metrics(names: Sequence[str] = CLASSIFICATION_METRICS):
+def combine_metrics(names: Sequence[str] = CLASSIFICATION_METRICS) -> evaluate.CombinedEvaluations:
     """`evaluate.combine` over metrics loaded with `load_metric` (one `compute` call returns them all)."""
-    import evaluate
-
     return evaluate.combine([load_metric(name) for name in names])
 
 
@@ -68,3 +71,31 @@ def precision_recall_f1(
         precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
         scores.append((precision, recall, _ratio(2 * precision * recall, precision + recall)))
     return tuple(sum(s[i] for s in scores) / len(scores) for i in range(3))  # type: ignore[return-value]
+
+
+LABEL_FEATURES = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
+AVERAGE_INPUTS = (
+    "predictions, references: lists of integer labels; average: 'binary' | 'macro' | 'micro'; pos_label: int."
+)
+
+
+class LabelMetric:
+    """Mixin for an `evaluate.Metric` over integer labels: its info from the `summary` and `inputs` class attributes."""
+
+    summary: str
+    inputs: str = AVERAGE_INPUTS
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=self.summary, citation="", inputs_description=self.inputs, features=LABEL_FEATURES
+        )
+
+
+class AveragedLabelMetric(LabelMetric):
+    """Mixin for precision, recall or F1 (the `score` class attribute), averaged like scikit-learn."""
+
+    score: str  # "precision", "recall" or "f1"
+
+    def _compute(self, predictions, references, average="binary", pos_label=1) -> dict[str, float]:
+        precision, recall, f1 = precision_recall_f1(predictions, references, average, pos_label)
+        return {self.score: float({"precision": precision, "recall": recall, "f1": f1}[self.score])}

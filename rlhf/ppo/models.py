@@ -1,0 +1,94 @@
+"""The models of a PPO run: policy and value model trained as one module, the reference, the frozen scorers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+from trl.trainer.utils import disable_dropout_in_model, use_adapter
+
+from rlhf.rewards import position_ids
+
+
+def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token scalar scores of a sequence-classification model (its score head on every position): the values."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model behind one forward, so one `accelerator.prepare` (DDP) covers both."""
+
+    def __init__(self, policy: PreTrainedModel, value_model: PreTrainedModel) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).logits
+        return logits, token_scores(self.value_model, input_ids, attention_mask)
+
+
+def with_adapters(model: PreTrainedModel, peft_config: Any) -> PreTrainedModel:
+    """The policy wrapped in LoRA adapters when a peft_config is given, else unchanged."""
+    return get_peft_model(model, peft_config) if peft_config is not None else model
+
+
+def reference_for(model: PreTrainedModel, ref_model: PreTrainedModel | None) -> PreTrainedModel | None:
+    """The given reference, else a copy of the policy; None under LoRA (the policy with adapters off serves)."""
+    if ref_model is None and not isinstance(model, PeftModel):
+        return copy.deepcopy(model)
+    return ref_model
+
+
+def prepare_for_rollouts(policy: PreTrainedModel, *others: PreTrainedModel | None) -> None:
+    """No dropout anywhere (log-probs must be repeatable) and the policy's KV cache on for generation."""
+    for module in (policy, *others):
+        if module is not None:
+            disable_dropout_in_model(module)
+    if hasattr(policy.config, "use_cache"):
+        policy.config.use_cache = True
+
+
+def freeze(module: PreTrainedModel | None, device: torch.device) -> None:
+    """A model that only scores: on the device, in eval mode, without gradients."""
+    if module is not None:
+        module.to(device).eval()
+        module.requires_grad_(False)
+
+
+@contextmanager
+def reference_model(
+    policy: PreTrainedModel, ref_model: PreTrainedModel | None, ref_adapter_name: str | None
+) -> Iterator[PreTrainedModel]:
+    """The reference: `ref_model`, else the policy with its LoRA adapters disabled (or `ref_adapter_name` active)."""
+    if ref_model is not None:
+        yield ref_model
+        return
+    context = use_adapter(policy, ref_adapter_name) if ref_adapter_name else policy.disable_adapter()
+    with context:
+        yield policy
+
+
+def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights that training changes (what a health stop restores)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `trainable_weights` back into `model` in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)

@@ -1,0 +1,341 @@
+"""Rollouts: which prompts an update uses, generating responses, scoring them, and the `Rollout` record.
+
+`RolloutMaker` turns prompts into what one PPO update needs (responses, the policy's and the
+reference's log-probs, values, rewards) and into the greedy evaluation of a policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import entropy_from_logits, pad
+
+from rlhf.config import RecipeError
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.core import masked_mean, response_mask
+from rlhf.ppo.models import token_scores
+from rlhf.rewards import (
+    check_reward_weights,
+    completions_for,
+    response_logprobs,
+    reward_model_scores,
+    sequence_kl,
+)
+
+RewardFunction = Callable[..., list[float]]
+ReferenceContext = Callable[[], AbstractContextManager[PreTrainedModel]]
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, dataset: Dataset) -> list[dict[str, Any]]:
+    """Tokenize prompts once (chat template with the generation prompt for conversational ones)."""
+    rows = []
+    for row in dataset:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": list(ids), "row": row})
+    return rows
+
+
+class PromptOrder:
+    """Which prompts each update uses: a seeded shuffle per epoch, sliced per process.
+
+    Its position (the next update) is its whole state, so `Accelerator.save_state` checkpoints it
+    through `state_dict` and a resumed run continues with the same prompts.
+    """
+
+    def __init__(self, num_prompts: int, batch_size: int, local_batch_size: int, process_index: int, seed: int) -> None:
+        self.num_prompts, self.batch_size, self.local_batch_size = num_prompts, batch_size, local_batch_size
+        self.process_index, self.seed = process_index, seed
+        self.batches_per_epoch = num_prompts // batch_size
+        self.next_update = 0
+
+    def indices(self, update: int) -> list[int]:
+        """This process's prompt indices for 0-based `update`."""
+        epoch, position = divmod(update, self.batches_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_prompts, generator=generator).tolist()
+        start = position * self.batch_size + self.process_index * self.local_batch_size
+        return order[start : start + self.local_batch_size]
+
+    def next_indices(self) -> list[int]:
+        """The prompt indices of the next update; advances the position."""
+        indices = self.indices(self.next_update)
+        self.next_update += 1
+        return indices
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_update": self.next_update}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_update = state["next_update"]
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, so every row's generation starts at the same column."""
+    tensors = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    ids = pad(tensors, padding_value=pad_token_id, padding_side="left")
+    mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left")
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    policy: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    *,
+    pad_token_id: int,
+    stop_token_id: int | None,
+    max_new_tokens: int,
+    temperature: float,
+    do_sample: bool,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Generate responses; returns (prompt+response ids, attention mask that ends at the stop token, prompt length)."""
+    queries, query_mask = left_pad(prompt_ids, pad_token_id, device)
+    context_length = queries.shape[1]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if stop_token_id is None else None,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=0 if do_sample else None,
+        top_p=1.0 if do_sample else None,
+        eos_token_id=stop_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    was_training = policy.training
+    policy.eval()
+    chunks = []
+    for start in range(0, queries.shape[0], batch_size):
+        output = policy.generate(
+            input_ids=queries[start : start + batch_size],
+            attention_mask=query_mask[start : start + batch_size],
+            generation_config=config,
+        )
+        response = output[:, context_length:]
+        if response.shape[1] < max_new_tokens:  # every sequence stopped early
+            filler = response.new_full((response.shape[0], max_new_tokens - response.shape[1]), pad_token_id)
+            response = torch.cat([response, filler], dim=1)
+        chunks.append(response)
+    policy.train(was_training)
+    responses = torch.cat(chunks)
+    mask = response_mask(responses, stop_token_id)
+    responses = responses.masked_fill(~mask, pad_token_id)
+    return torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1), context_length
+
+
+def completion_texts(tokenizer: PreTrainedTokenizerBase, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Decoded responses, up to and including the stop token, without special tokens."""
+    return [tokenizer.decode(r[m].tolist(), skip_special_tokens=True).strip() for r, m in zip(responses, mask.bool())]
+
+
+class RewardSources:
+    """A reward model and/or Python reward functions, weighted (reward model first) into one score per completion."""
+
+    def __init__(
+        self,
+        reward_model: PreTrainedModel | None,
+        reward_tokenizer: PreTrainedTokenizerBase,
+        reward_funcs: list[RewardFunction],
+        weights: list[float] | None,
+        stats: dict[str, float] | None,
+        batch_size: int,
+    ) -> None:
+        if reward_model is None and not reward_funcs:
+            raise RecipeError("reward_model_path / reward_funcs: PPO needs a reward; set at least one of them.")
+        self.reward_model, self.reward_tokenizer, self.reward_funcs = reward_model, reward_tokenizer, reward_funcs
+        self.weights = check_reward_weights(weights, (reward_model is not None) + len(reward_funcs))
+        self.stats, self.batch_size = stats, batch_size
+
+    @torch.no_grad()
+    def score(
+        self, rows: list[dict[str, Any]], completions: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum of the sources for each (prompt row, completion text); also each source's mean."""
+        total = torch.zeros(len(completions), device=device)
+        parts: dict[str, float] = {}
+        weights = iter(self.weights)
+        prompts = [r["prompt"] for r in rows]
+        if self.reward_model is not None:
+            scores = reward_model_scores(
+                self.reward_model, self.reward_tokenizer, prompts, completions, self.batch_size
+            ).to(device)
+            if self.stats:
+                scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-6)
+            parts["reward_model"] = scores.mean().item()
+            total += next(weights) * scores
+        formatted = completions_for(prompts, completions)
+        extra = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
+        for function in self.reward_funcs:
+            values = function(prompts=prompts, completions=formatted, **extra)
+            values = torch.tensor([float("nan") if v is None else v for v in values], device=device)
+            values = torch.nan_to_num(values, nan=0.0)
+            parts[getattr(function, "__name__", "reward_func")] = values.mean().item()
+            total += next(weights) * values
+        return total, parts
+
+
+@dataclass
+class Rollout:
+    """One batch of generated responses and everything PPO needs from it."""
+
+    input_ids: torch.Tensor  # prompt (left-padded) + response
+    attention_mask: torch.Tensor
+    context_length: int
+    responses: torch.Tensor
+    mask: torch.Tensor  # response tokens up to and including the stop token
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    entropy: torch.Tensor  # per token, of the rollout policy
+    completions: list[str] = field(default_factory=list)
+
+    def metrics(
+        self, kl: torch.Tensor, non_score_reward: torch.Tensor, stop_token_id: int | None
+    ) -> dict[str, torch.Tensor | float]:
+        """This process's rollout metrics under TRL's names, given the per-token KL and KL penalty."""
+        mask, scores = self.mask, self.scores
+        return {
+            "objective/kl": kl.sum(1).mean(),
+            "objective/entropy": (-self.logprobs * mask).sum(1).mean(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": scores.mean() + non_score_reward.sum(1).mean(),
+            "objective/scores": scores.mean(),
+            "objective/scores_std": scores.std() if len(scores) > 1 else 0.0,
+            "policy/entropy_rollout": masked_mean(self.entropy, mask),
+            "response_length/mean": mask.float().sum(1).mean(),
+            "val/eos_fraction": (
+                (self.responses == stop_token_id).any(1).float().mean() if stop_token_id is not None else 0.0
+            ),
+        }
+
+
+class RolloutMaker:
+    """Generates and scores responses of a policy: one PPO rollout, or a greedy evaluation."""
+
+    def __init__(
+        self,
+        args: PPOConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        rewards: RewardSources,
+        accelerator: Accelerator,
+        stop_token_id: int | None,
+    ) -> None:
+        self.args, self.tokenizer, self.rewards, self.accelerator = args, tokenizer, rewards, accelerator
+        self.stop_token_id = stop_token_id
+        self.temperature = args.temperature + 1e-7  # TRL's guard against a zero temperature
+
+    def logprobs(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response log-probs and logits at the sampling temperature (the distribution responses come from)."""
+        return response_logprobs(model, input_ids, attention_mask, context_length, self.temperature)
+
+    def generate(
+        self, policy: PreTrainedModel, prompt_ids: list[list[int]], do_sample: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return generate(
+            policy,
+            prompt_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_token_id=self.stop_token_id,
+            max_new_tokens=self.args.response_length,
+            temperature=self.temperature,
+            do_sample=do_sample,
+            batch_size=self.args.local_rollout_forward_batch_size,
+            device=self.accelerator.device,
+        )
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        policy: PreTrainedModel,
+        reference: ReferenceContext,
+        value_model: PreTrainedModel,
+        prompts: list[dict[str, Any]],
+    ) -> tuple[Rollout, dict[str, float]]:
+        """Sample responses to encoded prompts and score them; also each reward source's mean."""
+        args = self.args
+        input_ids, attention_mask, context_length = self.generate(policy, [p["input_ids"] for p in prompts], True)
+        responses = input_ids[:, context_length:]
+        mask = attention_mask[:, context_length:].bool()
+        logprobs, ref_logprobs, values, entropies = [], [], [], []
+        step = args.local_rollout_forward_batch_size
+        for start in range(0, input_ids.shape[0], step):
+            ids, attn = input_ids[start : start + step], attention_mask[start : start + step]
+            with self.accelerator.autocast():
+                logprob, logits = self.logprobs(policy, ids, attn, context_length)
+                entropies.append(entropy_from_logits(logits.float()))
+                with reference() as reference_model:
+                    ref_logprobs.append(self.logprobs(reference_model, ids, attn, context_length)[0])
+                values.append(token_scores(value_model, ids, attn)[:, context_length - 1 : -1].float())
+            logprobs.append(logprob)
+        completions = completion_texts(self.tokenizer, responses, mask)
+        scores, parts = self.rewards.score([p["row"] for p in prompts], completions, self.accelerator.device)
+        if args.missing_eos_penalty is not None and self.stop_token_id is not None:
+            scores = scores - args.missing_eos_penalty * (~(responses == self.stop_token_id).any(1)).float()
+        rollout = Rollout(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            context_length=context_length,
+            responses=responses,
+            mask=mask,
+            logprobs=torch.cat(logprobs).float() * mask,
+            ref_logprobs=torch.cat(ref_logprobs).float() * mask,
+            values=torch.cat(values) * mask,
+            scores=scores.float(),
+            entropy=torch.cat(entropies),
+            completions=completions,
+        )
+        return rollout, parts
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        policy: PreTrainedModel,
+        reference: ReferenceContext,
+        prompts: list[dict[str, Any]],
+        metric_key_prefix: str = "eval",
+        extra_reward_funcs: dict[str, RewardFunction] | None = None,
+    ) -> dict[str, float]:
+        """Greedy responses to encoded prompts: mean reward (and each source), KL to the reference, length."""
+        totals: dict[str, float] = {}
+        step = self.args.per_device_eval_batch_size
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start : start + step]
+            ids, attn, context_length = self.generate(policy, [p["input_ids"] for p in chunk], do_sample=False)
+            mask = attn[:, context_length:].bool()
+            completions = completion_texts(self.tokenizer, ids[:, context_length:], mask)
+            rows = [p["row"] for p in chunk]
+            scores, parts = self.rewards.score(rows, completions, self.accelerator.device)
+            with self.accelerator.autocast():
+                logprob, _ = self.logprobs(policy, ids, attn, context_length)
+                with reference() as reference_model:
+                    ref_logprob, _ = self.logprobs(reference_model, ids, attn, context_length)
+            values = {
+                "reward": scores,
+                "kl": sequence_kl(logprob, ref_logprob, mask),
+                "response_length": mask.float().sum(1),
+            }
+            for name, value in parts.items():
+                values[f"reward/{name}"] = torch.full_like(scores, value)
+            texts = [r["prompt"] for r in rows]
+            formatted = completions_for(texts, completions)
+            for name, function in (extra_reward_funcs or {}).items():
+                values[name] = torch.tensor(function(prompts=texts, completions=formatted), dtype=torch.float32)
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + value.float().sum().item()
+        return {f"{metric_key_prefix}_{k}": round(v / len(prompts), 4) for k, v in totals.items()}

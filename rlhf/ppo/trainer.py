@@ -1,0 +1,406 @@
+"""PPOTrainer: the loop that turns rollouts into clipped PPO updates, with Trainer-style logs and checkpoints.
+
+One update = one rollout of `batch_size` prompts:
+  generate → truncate after the stop token → logprobs (policy, reference), values, scores →
+  per-token rewards (−kl_coef·KL, plus the score on the last token) → GAE → whiten advantages →
+  `num_ppo_epochs` passes over `num_mini_batches` minibatches of clipped policy + value loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from peft import PeftModel
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    get_scheduler,
+)
+from transformers.integrations import get_reporting_integration_callbacks
+from transformers.trainer import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK
+from transformers.trainer_callback import CallbackHandler, PrinterCallback
+from trl.trainer.utils import selective_log_softmax
+
+from rlhf.config import RecipeError
+from rlhf.ppo.checkpoint import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.core import (
+    HealthMonitor,
+    compute_gae,
+    kl_penalty,
+    make_kl_controller,
+    masked_mean,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+    whiten,
+)
+from rlhf.ppo.models import (
+    PolicyAndValue,
+    freeze,
+    prepare_for_rollouts,
+    reference_for,
+    reference_model,
+    restore_weights,
+    trainable_weights,
+    with_adapters,
+)
+from rlhf.ppo.rollout import PromptOrder, RewardFunction, RewardSources, Rollout, RolloutMaker, encode_prompts
+
+logger = logging.getLogger(__name__)
+
+# What _train_on averages over its minibatches, in the order it computes them.
+LOSS_METRICS = (
+    "loss/policy_avg",
+    "loss/value_avg",
+    "policy/clipfrac_avg",
+    "val/clipfrac_avg",
+    "policy/approxkl_avg",
+    "val/ratio",
+)
+
+
+class PPOTrainer:
+    """PPO with a policy, a reference (a frozen copy, or the policy with LoRA adapters disabled), reward
+    sources (a reward model and/or Python reward functions) and a value model.
+
+    Logs, callbacks and `trainer_state.json` follow `transformers.Trainer`, so the same plotting and
+    callbacks work; checkpoints are `checkpoint-<update>/` folders written by `Accelerator.save_state`
+    (policy + value weights, optimizer, scheduler, RNG, KL controller, health monitor, data position)
+    and `train()` resumes from one.
+    """
+
+    def __init__(
+        self,
+        args: PPOConfig,
+        processing_class: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        ref_model: PreTrainedModel | None,
+        reward_model: PreTrainedModel | None,
+        train_dataset: Dataset,
+        value_model: PreTrainedModel,
+        eval_dataset: Dataset | None = None,
+        reward_funcs: list[RewardFunction] | None = None,
+        reward_processing_class: PreTrainedTokenizerBase | None = None,
+        reward_stats: dict[str, float] | None = None,
+        peft_config: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ) -> None:
+        if ref_model is not None and ref_model is model:
+            raise ValueError("`model` and `ref_model` must be different objects (pass None to copy the policy).")
+        self.args = args
+        self.processing_class = processing_class
+        rewards = RewardSources(
+            reward_model,
+            reward_processing_class or processing_class,
+            list(reward_funcs or []),
+            args.reward_weights,
+            reward_stats if args.normalize_reward else None,
+            args.local_rollout_forward_batch_size,
+        )
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps // args.num_mini_batches,
+            mixed_precision="bf16" if args.bf16 else ("fp16" if args.fp16 else "no"),
+            cpu=args.use_cpu,
+            # The loop steps the scheduler once per update, not once per optimizer step.
+            step_scheduler_with_optimizer=False,
+        )
+        self.stop_token_id = processing_class.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+        self.rollouts = RolloutMaker(args, processing_class, rewards, self.accelerator, self.stop_token_id)
+        model = with_adapters(model, peft_config)
+        self.is_peft_model = isinstance(model, PeftModel)
+        self.ref_model = reference_for(model, ref_model)
+        prepare_for_rollouts(model, self.ref_model, value_model, reward_model)
+        self._plan_updates(train_dataset, eval_dataset)
+        self._prepare_optimization(PolicyAndValue(model, value_model))
+        for frozen in (self.ref_model, reward_model):
+            freeze(frozen, self.accelerator.device)
+        self.kl_controller = make_kl_controller(args.kl_controller, args.kl_coef, args.target_kl, args.kl_horizon)
+        self.health = HealthMonitor(args.max_kl, args.max_response_length_ratio, args.min_entropy)
+        self.stopped_by_health: str | None = None
+        self._last_good: dict[str, torch.Tensor] | None = None  # with health_action "stop": weights to restore
+        self._last_good_step = 0
+        # Saved by Accelerator.save_state beside the model, optimizer, scheduler and RNG, in this order.
+        self.accelerator.register_for_checkpointing(self.kl_controller, self.health, self.prompt_order)
+        self._set_up_callbacks(callbacks)
+
+    # ---- set-up steps ----------------------------------------------------------------------------
+
+    def _plan_updates(self, train_dataset: Dataset, eval_dataset: Dataset | None) -> None:
+        """Batch sizes with TRL's names, the encoded prompts, their order, and the number of updates."""
+        args = self.args
+        self.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.batch_size = self.local_batch_size * self.accelerator.num_processes
+        self.local_mini_batch_size = self.local_batch_size // args.num_mini_batches
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.prompts = encode_prompts(self.processing_class, train_dataset)
+        if len(self.prompts) < self.batch_size:
+            raise RecipeError(
+                f"per_device_train_batch_size: one update needs {self.batch_size} prompts but the dataset has "
+                f"{len(self.prompts)}; add prompts or lower the batch size."
+            )
+        self.prompt_order = PromptOrder(
+            len(self.prompts), self.batch_size, self.local_batch_size, self.accelerator.process_index, args.seed
+        )
+        self.batches_per_epoch = self.prompt_order.batches_per_epoch
+        if args.max_steps > 0:
+            self.num_updates = args.max_steps
+        else:
+            total_episodes = args.total_episodes or int(args.num_train_epochs * len(self.prompts))
+            self.num_updates = max(1, math.ceil(total_episodes / self.batch_size))
+
+    def _prepare_optimization(self, model: PolicyAndValue) -> None:
+        """AdamW over the trainable weights and transformers' scheduler, prepared (DDP) by accelerate."""
+        args = self.args
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
+        scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=args.get_warmup_steps(self.num_updates),
+            num_training_steps=self.num_updates,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+        )
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+
+    def _set_up_callbacks(self, callbacks: list[TrainerCallback] | None) -> None:
+        """transformers' default, reporting and progress callbacks, plus the given ones, and a fresh TrainerState."""
+        args = self.args
+        callbacks = DEFAULT_CALLBACKS + get_reporting_integration_callbacks(args.report_to) + list(callbacks or [])
+        self.callback_handler = CallbackHandler(
+            callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler
+        )
+        self.callback_handler.add_callback(PrinterCallback if args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK)
+        self.state = TrainerState(
+            is_local_process_zero=self.accelerator.is_local_main_process,
+            is_world_process_zero=self.accelerator.is_main_process,
+        )
+        self.control = TrainerControl()
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> PreTrainedModel:
+        """The (unwrapped) policy model."""
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def value_model(self) -> PreTrainedModel:
+        """The (unwrapped) value model."""
+        return self.accelerator.unwrap_model(self.model).value_model
+
+    @property
+    def health_events(self) -> list[dict[str, Any]]:
+        """Every failed health check so far: step, problems, action."""
+        return self.health.events
+
+    def reference(self) -> AbstractContextManager[PreTrainedModel]:
+        """The reference model: the frozen copy, or the policy with its LoRA adapters disabled."""
+        return reference_model(self.policy, self.ref_model, self.args.ref_adapter_name)
+
+    # ---- one update ------------------------------------------------------------------------------
+
+    def _train_on(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        """`num_ppo_epochs` passes of clipped PPO over minibatches of the rollout; the mean losses and ratios."""
+        args = self.args
+        stats: dict[str, list[float]] = {k: [] for k in LOSS_METRICS}
+        generator = torch.Generator().manual_seed(args.seed + self.state.global_step)
+        self.model.train()
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(self.local_batch_size, generator=generator)
+            for mini_start in range(0, self.local_batch_size, self.local_mini_batch_size):
+                mini = order[mini_start : mini_start + self.local_mini_batch_size]
+                for micro_start in range(0, len(mini), args.per_device_train_batch_size):
+                    idx = mini[micro_start : micro_start + args.per_device_train_batch_size].to(r.input_ids.device)
+                    with self.accelerator.accumulate(self.model):
+                        with self.accelerator.autocast():
+                            logits, vpred = self.model(r.input_ids[idx], r.attention_mask[idx])
+                        logits = logits[:, r.context_length - 1 : -1].float() / self.rollouts.temperature
+                        new_logprobs = selective_log_softmax(logits, r.responses[idx])
+                        vpred = vpred[:, r.context_length - 1 : -1].float()
+                        mask = r.mask[idx]
+                        pg_loss, pg_clipfrac, approxkl = policy_loss(
+                            new_logprobs, r.logprobs[idx], advantages[idx], mask, args.cliprange
+                        )
+                        vf_loss, vf_clipfrac = value_loss(
+                            vpred, r.values[idx], returns[idx], mask, args.cliprange_value
+                        )
+                        self.accelerator.backward(pg_loss + args.vf_coef * vf_loss)
+                        if self.accelerator.sync_gradients and args.max_grad_norm:
+                            self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    ratio = masked_mean(torch.exp(new_logprobs - r.logprobs[idx]), mask)
+                    for name, value in zip(LOSS_METRICS, (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl, ratio)):
+                        stats[name].append(value.item())
+        return {name: sum(values) / len(values) for name, values in stats.items()}
+
+    def _gather_mean(self, value: float | torch.Tensor) -> float:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(1)
+        return self.accelerator.gather_for_metrics(tensor).mean().item()
+
+    def step(self) -> dict[str, float]:
+        """One PPO update on the next prompts (rollout → rewards → GAE → optimisation); returns the logged metrics."""
+        args = self.args
+        prompts = [self.prompts[i] for i in self.prompt_order.next_indices()]
+        r, parts = self.rollouts.rollout(self.policy, self.reference, self.value_model, prompts)
+        kl_coef = self.kl_controller.value
+        kl = kl_penalty(r.logprobs, r.ref_logprobs, args.kl_estimator) * r.mask
+        rewards, non_score_reward = shape_rewards(r.scores, kl, r.mask, kl_coef, args.whiten_rewards)
+        advantages, returns = compute_gae(rewards, r.values, r.mask, args.gamma, args.lam)
+        advantages = whiten(advantages, r.mask)
+        losses = self._train_on(r, advantages, returns)
+        metrics = {**r.metrics(kl, non_score_reward, self.stop_token_id), **losses}
+        metrics.update({f"reward/{name}": value for name, value in parts.items()})
+        # Every process holds its own share of the batch: log the mean over all of them.
+        metrics = {name: self._gather_mean(value) for name, value in metrics.items()}
+        metrics["objective/kl_coef"] = kl_coef
+        self.kl_controller.update(metrics["objective/kl"], self.batch_size)
+        return metrics
+
+    # ---- training loop ---------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float]) -> None:
+        """Append to `state.log_history` and call the callbacks' on_log, as `transformers.Trainer.log` does."""
+        logs = {**logs, "epoch": round(self.state.epoch or 0.0, 4), "step": self.state.global_step}
+        self.state.log_history.append(logs)
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def _start_state(self) -> None:
+        """What TrainerState knows of the run before the first update (as Trainer fills it)."""
+        args = self.args
+        self.state.max_steps = self.num_updates
+        self.state.num_train_epochs = math.ceil(self.num_updates / self.batches_per_epoch)
+        self.state.logging_steps = int(args.logging_steps) if args.logging_steps >= 1 else 1
+        self.state.save_steps = (
+            int(args.save_steps) if args.save_steps >= 1 else max(1, int(args.save_steps * self.num_updates))
+        )
+        self.state.train_batch_size = self.batch_size
+
+    def train(self, resume_from_checkpoint: str | None = None) -> dict[str, float]:
+        """Run PPO updates until `num_updates` (or a health stop); resume from a checkpoint folder if given."""
+        args = self.args
+        self._start_state()
+        if resume_from_checkpoint:
+            load_checkpoint(self.accelerator, self.state, resume_from_checkpoint)
+        else:
+            torch.manual_seed(args.seed + 100003 * self.accelerator.process_index)
+        if args.health_action == "stop":
+            self._last_good = self._snapshot()
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        start_time, start_step = time.time(), self.state.global_step
+        while self.state.global_step < self.num_updates:
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            metrics = self.step()
+            self.lr_scheduler.step()
+            self.state.global_step += 1
+            self.state.epoch = self.state.global_step / self.batches_per_epoch
+            episodes = (self.state.global_step - start_step) * self.batch_size
+            metrics.update(
+                {
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "episode": self.state.global_step * self.batch_size,
+                    "eps": episodes / (time.time() - start_time),
+                }
+            )
+            problems = self.health.check(metrics)
+            metrics["health/ok"] = float(not problems)
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.control.should_log or problems or self.state.global_step == self.num_updates:
+                self.log(metrics)
+                self.control.should_log = False
+            if problems:
+                self._on_health_problem(problems)
+                if self.stopped_by_health:
+                    break
+            if self.control.should_save:
+                save_checkpoint(self.accelerator, self.state, args.output_dir, args.save_total_limit)
+                if self._last_good is not None:
+                    self._last_good = self._snapshot()
+                self.control = self.callback_handler.on_save(args, self.state, self.control)
+                self.control.should_save = False
+            if self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        runtime = time.time() - start_time
+        episodes = (self.state.global_step - start_step) * self.batch_size
+        return {
+            "train_runtime": round(runtime, 3),
+            "train_updates": self.state.global_step,
+            "train_episodes": self.state.global_step * self.batch_size,
+            "episodes_per_second": round(episodes / max(runtime, 1e-9), 3),
+            "stopped_by_health": self.stopped_by_health,
+        }
+
+    def _on_health_problem(self, problems: list[str]) -> None:
+        event = {"step": self.state.global_step, "problems": problems, "action": self.args.health_action}
+        self.health.events.append(event)
+        logger.warning("PPO health check failed at update %d: %s", self.state.global_step, "; ".join(problems))
+        if self.args.health_action == "stop":
+            self.stopped_by_health = "; ".join(problems)
+            if self._last_good is not None:
+                restore_weights(self.policy, self._last_good)
+            logger.warning(
+                "stopping; the policy is restored to the last good checkpoint (update %s)", self._last_good_step
+            )
+
+    # ---- saving ----------------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable weights now: what a health stop restores."""
+        self._last_good_step = self.state.global_step
+        return trainable_weights(self.policy)
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Save the policy as a plain causal-LM checkpoint (LoRA adapters merged) plus the tokenizer."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        policy = self.policy
+        if self.is_peft_model:
+            # Merging is a copy-free in-place operation; it ends training, which is when this is called.
+            policy = policy.merge_and_unload()
+            self.accelerator.unwrap_model(self.model).policy = policy
+            self.is_peft_model = False
+            self.ref_model = None
+        policy.save_pretrained(output_dir, safe_serialization=True)
+        self.processing_class.save_pretrained(output_dir)
+
+    def save_state(self) -> None:
+        """Write trainer_state.json (log history included) to the output directory, as Trainer does."""
+        if self.accelerator.is_main_process:
+            self.state.save_to_json(str(Path(self.args.output_dir) / TRAINER_STATE_FILE))
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        eval_dataset: Dataset | None = None,
+        metric_key_prefix: str = "eval",
+        extra_reward_funcs: dict[str, Callable[..., list[float]]] | None = None,
+    ) -> dict[str, float]:
+        """Greedy responses on held-out prompts: mean reward (and each source), KL to the reference, length."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            return {}
+        prompts = encode_prompts(self.processing_class, dataset)
+        return self.rollouts.evaluate(self.policy, self.reference, prompts, metric_key_prefix, extra_reward_funcs)

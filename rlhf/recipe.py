@@ -1,0 +1,122 @@
+"""A stage's recipe: parse `RECIPE.yaml [--key value ...]` into its configs, then check what it points at.
+
+Parsing (keys, types, CPU defaults) uses only rlhf.config; checking finds every model and dataset
+the recipe names, so a typo in a path fails here, in one line, before any model or dataset loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import (
+    DataArguments,
+    ModelArguments,
+    Recipe,
+    RecipeError,
+    field_types,
+    parse_dataclass,
+    parse_overrides,
+    read_recipe_file,
+)
+from rlhf.data.load import check_data_sources
+from rlhf.modeling import check_model_source
+
+# Every recipe field that names a model; a stage declares which it uses by having the field.
+MODEL_PATH_FIELDS = ("model_name_or_path", "reward_model_path", "value_model_path", "teacher_model_name_or_path")
+
+
+def _on_gpu() -> bool:
+    import torch  # only here: parsing a recipe should not pay for torch unless it asks about devices
+
+    return torch.cuda.is_available()
+
+
+def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) -> None:
+    """TRL configs default to bf16 and gradient checkpointing; make a CPU run work without them."""
+    if _on_gpu():
+        return
+    for flag in ("bf16", "fp16"):
+        if values.get(flag) is True:
+            raise RecipeError(
+                f"{flag}: this machine has no GPU and {flag} training needs one; "
+                f"remove `{flag}: true` (runs in fp32 on CPU) or run on a GPU machine."
+            )
+        if flag in training_fields:
+            values.setdefault(flag, False)
+    # Launched as several processes (torchrun / accelerate launch) without a GPU: accelerate builds the
+    # gloo process group only when told the run is on CPU; otherwise every rank silently trains alone.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in training_fields:
+        values.setdefault("use_cpu", True)
+    # Recomputing activations saves GPU memory; on CPU it only costs time. transformers 5.24 renamed
+    # gradient_checkpointing to activation_checkpointing; set whichever this version has.
+    if "gradient_checkpointing" not in values and "activation_checkpointing" not in values:
+        name = "activation_checkpointing" if "activation_checkpointing" in training_fields else "gradient_checkpointing"
+        if name in training_fields:
+            values[name] = False
+
+
+def parse_recipe(
+    argv: list[str] | None,
+    training_class: type,
+    stage: str,
+    data_class: type = DataArguments,
+    produced: Collection[str] = (),
+) -> Recipe:
+    """Parse `RECIPE.yaml [--key value ...]` into a checked Recipe for `stage`.
+
+    `produced` lists paths that do not exist yet but will before the stage runs (a pipeline's
+    earlier outputs); they are not reported missing.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("--"):
+        raise RecipeError(f"usage: rlhf train RECIPE.yaml [--key value ...] (a recipe with `stage: {stage}`).")
+    path, overrides = argv[0], parse_overrides(argv[1:])
+    values = {**read_recipe_file(path), **overrides}
+    named_stage = values.pop("stage", stage)
+    if named_stage != stage:
+        raise RecipeError(
+            f"stage: recipe {path} is for stage {named_stage!r}, not {stage!r}; run it with `rlhf train {path}`."
+        )
+    classes = {"model": ModelArguments, "data": data_class, "training": training_class}
+    types_by_class = {name: field_types(cls) for name, cls in classes.items()}
+    known = set().union(*types_by_class.values())
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" Did you mean `{close[0]}`?" if close else " Remove it or check the spelling."
+            raise RecipeError(f"unknown recipe key `{key}` in {path}.{hint}")
+    if not values.get("output_dir"):
+        raise RecipeError(f"output_dir: missing in {path}; add e.g. `output_dir: outputs/{stage}`.")
+    if not values.get("model_name_or_path"):
+        raise RecipeError(f"model_name_or_path: missing in {path}; set a local checkpoint directory or a Hub id.")
+    _device_defaults(values, types_by_class["training"])
+    built = {
+        name: parse_dataclass(cls, {k: v for k, v in values.items() if k in types_by_class[name]}, f"recipe {path}")
+        for name, cls in classes.items()
+    }
+    if getattr(built["training"], "push_to_hub", False):
+        # The Trainer would create the repo at start-up and push every checkpoint; rlhf publishes the
+        # finished output once instead (artifacts.finish_stage → publish.publish_if_requested).
+        built["training"].push_to_hub = False
+    recipe = Recipe(stage, built["model"], built["data"], built["training"], {"stage": stage, **values}, path)
+    check_recipe(recipe, produced)
+    return recipe
+
+
+def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
+    """Every model, dataset and template path a recipe names exists (or is a reachable Hub id)."""
+    pending = {str(Path(p)) for p in produced}
+    for name in MODEL_PATH_FIELDS:
+        for config in (recipe.model, recipe.training):
+            value = getattr(config, name, None)
+            if isinstance(value, str) and value and str(Path(value)) not in pending:
+                check_model_source(value, name)
+    check_data_sources(recipe.data)
+    template = getattr(recipe.training, "chat_template_path", None)
+    if template and not Path(template).exists() and template.startswith((".", "/")):
+        raise RecipeError(f"chat_template_path: {template!r} does not exist; fix the path or remove the key.")

@@ -1,0 +1,119 @@
+"""The one list of training stages and of `rlhf` commands, read by the CLI and the pipeline.
+
+Entries name their modules as strings and import them on use, so `rlhf --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from rlhf.config import Recipe, RecipeError, recipe_stage
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: `rlhf.stages.<name>` exposes `parse(argv, produced)` and `main(argv)`."""
+
+    name: str
+    data_format: str  # what rlhf.data.prepare_datasets turns the stage's data into
+    trained_copies: int = 1  # models that train (memory: weights + gradients + optimizer state)
+    frozen_copies: int = 0  # inference-only models (reference, reward, teacher)
+    reference_is_policy_under_lora: bool = False  # the reference is the policy with adapters off
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"rlhf.stages.{self.name}")
+
+    def parse(self, argv: list[str], produced: Collection[str] = ()) -> Recipe:
+        """The stage's checked recipe, exactly as its main() reads it; nothing loads."""
+        return self.module.parse(argv, produced)
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("pretrain", "language_modeling"),
+        Stage("sft", "sft"),
+        Stage("reward", "preference"),
+        Stage("dpo", "preference", frozen_copies=1, reference_is_policy_under_lora=True),
+        Stage("ppo", "prompt_only", trained_copies=2, frozen_copies=2, reference_is_policy_under_lora=True),
+        Stage("grpo", "prompt_only", frozen_copies=1, reference_is_policy_under_lora=True),
+        Stage("rloo", "prompt_only", frozen_copies=1, reference_is_policy_under_lora=True),
+        Stage("distill", "sft", frozen_copies=1),
+    )
+}
+
+
+def stage_of(recipe_path: str) -> Stage:
+    """The registered stage a recipe file names in its `stage:` key."""
+    name = recipe_stage(recipe_path)
+    if name not in STAGES:
+        raise RecipeError(f"recipe {recipe_path}: `stage:` is {name!r}; set it to one of {', '.join(STAGES)}.")
+    return STAGES[name]
+
+
+@dataclass(frozen=True)
+class Command:
+    """An `rlhf` command: `main(argv)` for the shell; `function(**kwargs)` for a pipeline stage, if it has one.
+
+    A pipeline calls `function(<inputs>, **args, output=<stage dir>)`; `inputs` says whether the
+    function takes one checkpoint, a list of them, or none as its first argument.
+    """
+
+    name: str
+    module: str
+    main: str
+    help: str
+    function: str | None = None
+    inputs: str = "one"  # "one", "many" or "none"
+    writes_output: bool = True
+
+    def load(self, attribute: str) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), attribute)
+
+
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command("train", "rlhf.cli", "train", "run the stage a recipe names: rlhf train RECIPE.yaml [--key value ...]"),
+        Command(
+            "tiny-checkpoint",
+            "rlhf.tiny",
+            "main",
+            "write the embedded tiny base checkpoint",
+            "build_tiny_checkpoint",
+            inputs="none",
+        ),
+        Command(
+            "pipeline", "rlhf.pipeline", "main", "run a chain of stages from a pipeline YAML, with caching and resume"
+        ),
+        Command(
+            "eval",
+            "rlhf.evaluation",
+            "main",
+            "score a checkpoint: metrics, reward, win-rate, KL, safety",
+            "evaluate",
+            inputs="many",
+        ),
+        Command("attention", "rlhf.interpret", "main", "attention heatmaps of a checkpoint on a text", "attention"),
+        Command("quantize", "rlhf.compress.quantize", "main", "int8/int4 weight-only quantization", "quantize"),
+        Command("prune", "rlhf.compress.prune", "main", "magnitude or structured pruning", "prune"),
+        Command("merge", "rlhf.export", "merge_main", "merge LoRA/DoRA adapters into the base model", "merge"),
+        Command("export", "rlhf.export", "export_main", "write a clean, self-contained checkpoint", "export"),
+        Command("chat", "rlhf.export", "chat_main", "interactive chat with a checkpoint"),
+        Command("generate", "rlhf.export", "generate_main", "batched generation over a jsonl file"),
+        Command(
+            "publish",
+            "rlhf.publish",
+            "main",
+            "write a model card and push an output directory to the Hub",
+            "publish",
+            writes_output=False,
+        ),
+    )
+}
+PIPELINE_COMMANDS = [name for name, command in COMMANDS.items() if command.function]
