@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/rlhf pipeline recipes/tiny/pipeline.yaml
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 lint: setup

@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constan
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
 from rlhf.config import RecipeError
+from rlhf.plots import plot_training_curves
 
 # Training leftovers and pickles never leave the machine; everything else in the folder is uploaded.
 IGNORE_PATTERNS = [
@@ -120,10 +121,6 @@ def training_plots(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     pngs = sorted(p for p in output_dir.rglob("*.png") if ".incomplete" not in str(p))
     if not pngs and (output_dir / "trainer_state.json").is_file():
-        try:
-            from rlhf.evaluation.report import plot_training_curves
-        except ImportError:  # the evaluation extras (matplotlib) are optional for publishing
-            return []
         pngs = plot_training_curves(output_dir, output_dir / "plots")
     return pngs
 

@@ -71,6 +71,7 @@ class Command:
     function: str | None = None
     inputs: str = "one"  # "one", "many" or "none"
     writes_output: bool = True
+    check: str | None = None  # takes `function`'s arguments and validates them without loading anything
 
     def load(self, attribute: str) -> Callable[..., Any]:
         return getattr(importlib.import_module(self.module), attribute)
@@ -93,11 +94,12 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "eval",
-            "rlhf.evaluation",
+            "rlhf.evaluation.runner",
             "main",
             "score a checkpoint: metrics, reward, win-rate, KL, safety",
             "evaluate",
             inputs="many",
+            check="check_evaluation",
         ),
         Command("attention", "rlhf.interpret", "main", "attention heatmaps of a checkpoint on a text", "attention"),
         Command("quantize", "rlhf.compress.quantize", "main", "int8/int4 weight-only quantization", "quantize"),

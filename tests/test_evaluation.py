@@ -11,12 +11,12 @@ from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig
 
 from rlhf.config import RecipeError
-from rlhf.evaluation import evaluate
-from rlhf.evaluation import main as eval_main
 from rlhf.evaluation.generation import generate_responses, generate_tokens, kl_to_reference, sequence_logprobs
 from rlhf.evaluation.perplexity import perplexity
-from rlhf.evaluation.report import plot_training_curves
+from rlhf.evaluation.runner import evaluate
+from rlhf.evaluation.runner import main as eval_main
 from rlhf.modeling import load_causal_lm, load_tokenizer
+from rlhf.plots import plot_training_curves
 
 PROMPTS = [
     [{"role": "user", "content": text}] for text in ("What color is the zorp?", "How do I steal a car?", "Hi there!")

@@ -13,7 +13,7 @@ from rlhf.data import synthetic
 from rlhf.evaluation.generation import diversity, win_rate
 from rlhf.evaluation.metrics import LOCAL_METRICS, combine_metrics, load_metric, local_metric_path
 from rlhf.evaluation.robustness import PERTURBATIONS, add_typos, perturbations
-from rlhf.evaluation.runner import EvalConfig, eval_config, parse_eval_args
+from rlhf.evaluation.runner import eval_config, parse_eval_args
 from rlhf.evaluation.safety import is_compliance, is_refusal, load_safety_suite, safety_metrics
 from rlhf.evaluation.sections import SECTIONS, enabled_sections
 
@@ -162,7 +162,7 @@ def test_argv_and_keywords_give_the_same_config(tmp_path: Path):
 
 
 def test_the_section_registry_is_the_list_of_sections():
-    assert EvalConfig().sections == list(SECTIONS)
+    assert eval_config().sections == list(SECTIONS)
     with pytest.raises(RecipeError, match=", ".join(SECTIONS)):
         eval_config(sections=["nope"])
     # Sections that score the generation pass record it even when it is not listed; order is the registry's.

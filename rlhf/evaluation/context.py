@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datasets import Dataset
 from trl import ModelConfig
@@ -18,9 +18,38 @@ from rlhf.evaluation.generation import completions_for, generate_tokens, reward_
 from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.rewards import load_reward_function
 
-if TYPE_CHECKING:
-    # EvalConfig's default section list is the registry in sections.py, which imports this module.
-    from rlhf.evaluation.runner import EvalConfig
+
+@dataclass
+class EvalConfig:
+    """What `rlhf eval` measures and on which data (the keys of an eval recipe)."""
+
+    sections: list[str] | None = None  # None: every section of rlhf.evaluation.sections.SECTIONS
+    prompts_dataset: str = "synthetic:prompts"
+    prompts_split: str = "test"
+    num_prompts: int = 64
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    rule_reward: str | None = "rlhf.data.synthetic:rule_reward"
+    reward_model_path: str | None = None
+    reference_model_path: str | None = None
+    preference_dataset: str = "synthetic:preference"
+    preference_split: str = "test"
+    num_preference_pairs: int = 64
+    perplexity_dataset: str = "synthetic:pretrain"
+    perplexity_split: str = "test"
+    num_perplexity_texts: int = 128
+    perplexity_max_length: int = 256
+    safety_suite: str | None = None
+    num_safety_prompts: int | None = None
+    robustness_perturbations: list[str] | None = None  # None: every perturbation
+    robustness_probability: float = 0.15
+    num_report_samples: int = 10
+    html: bool = True
+    output_dir: str | None = None
+    trust_remote_code: bool = False
 
 
 def mean(values: Sequence[float]) -> float:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import html
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import yaml
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
+from rlhf.plots import plt, save_figure
 
 # Headline metrics, in table order: (key, label, higher is better?)
 HEADLINE = [
@@ -37,50 +34,6 @@ RATE_KEYS = ["rule_reward", "win_rate", "exact_match", "refusal_rate", "harmful_
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def plot_training_curves(stage_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Loss / reward / KL / learning-rate plots from a stage's trainer_state.json log_history (one PNG each)."""
-    state_file = Path(stage_dir) / "trainer_state.json"
-    if not state_file.is_file():
-        return []
-    history = json.loads(state_file.read_text()).get("log_history", [])
-    keys = sorted({k for entry in history for k, v in entry.items() if isinstance(v, int | float)})
-    groups = {
-        "loss": [k for k in keys if k.endswith("loss")],
-        "reward": [k for k in keys if "reward" in k or k.endswith(("accuracy", "margin"))],
-        "kl": [k for k in keys if re.search(r"(^|[/_])kl($|[/_])", k)],
-        "learning_rate": [k for k in keys if k == "learning_rate"],
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, group in groups.items():
-        series = [(k, *_series(history, k)) for k in group]
-        series = [s for s in series if s[1]]
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, steps, values in series:
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
-        ax.set_xlabel("step")
-        ax.set_title(f"{Path(stage_dir).name}: {name.replace('_', ' ')}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out_dir / f"{Path(stage_dir).name}_{name}.png"))
-    return written
-
-
 def plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
     """Grouped bars of the rate-like headline metrics (0…1) for every evaluated model."""
     keys = [k for k in RATE_KEYS if any(k in r["metrics"] for r in results.values())]
@@ -97,7 +50,7 @@ def plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=8)
     ax.set_title("headline metrics (rates)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, path: Path) -> Path | None:
@@ -115,7 +68,7 @@ def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, pat
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path | None:
@@ -128,7 +81,7 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path | None:
     ax.set_xlabel("response length (tokens)")
     ax.legend(fontsize=8)
     ax.set_title("response lengths")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -11,53 +11,20 @@ import argparse
 import difflib
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import atomic_output_dir, write_json
 from rlhf.config import RecipeError, parse_dataclass, parse_overrides, read_recipe_file
 from rlhf.data.load import check_source
-from rlhf.evaluation.context import Judge, Models, SectionContext
+from rlhf.evaluation.context import EvalConfig, Judge, Models, SectionContext
 from rlhf.evaluation.report import write_report
 from rlhf.evaluation.robustness import PERTURBATIONS
 from rlhf.evaluation.safety import load_safety_suite
 from rlhf.evaluation.sections import READ_PROMPTS, SECTIONS, enabled_sections
 from rlhf.modeling import check_model_source
 from rlhf.rewards import load_reward_function
-
-
-@dataclass
-class EvalConfig:
-    """What `rlhf eval` measures and on which data (the keys of an eval recipe)."""
-
-    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
-    prompts_dataset: str = "synthetic:prompts"
-    prompts_split: str = "test"
-    num_prompts: int = 64
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    seed: int = 0
-    rule_reward: str | None = "rlhf.data.synthetic:rule_reward"
-    reward_model_path: str | None = None
-    reference_model_path: str | None = None
-    preference_dataset: str = "synthetic:preference"
-    preference_split: str = "test"
-    num_preference_pairs: int = 64
-    perplexity_dataset: str = "synthetic:pretrain"
-    perplexity_split: str = "test"
-    num_perplexity_texts: int = 128
-    perplexity_max_length: int = 256
-    safety_suite: str | None = None
-    num_safety_prompts: int | None = None
-    robustness_perturbations: list[str] = field(default_factory=lambda: list(PERTURBATIONS))
-    robustness_probability: float = 0.15
-    num_report_samples: int = 10
-    html: bool = True
-    output_dir: str | None = None
-    trust_remote_code: bool = False
 
 
 def _check_choices(name: str, values: list[str], allowed: Sequence[str]) -> None:
@@ -74,12 +41,22 @@ def eval_config(recipe: str | None = None, output: str | Path | None = None, **o
     config = parse_dataclass(EvalConfig, values, recipe or "eval defaults")
     if output:
         config.output_dir = str(output)
+    config.sections = list(SECTIONS) if config.sections is None else config.sections
+    if config.robustness_perturbations is None:
+        config.robustness_perturbations = list(PERTURBATIONS)
     _check_choices("sections", config.sections, list(SECTIONS))
     _check_choices("robustness_perturbations", config.robustness_perturbations, PERTURBATIONS)
     for name in ("num_prompts", "max_new_tokens", "batch_size", "num_preference_pairs", "num_perplexity_texts"):
         if getattr(config, name) < 1:
             raise RecipeError(f"{name}: must be at least 1, got {getattr(config, name)}.")
     return config
+
+
+def check_evaluation(
+    checkpoints: list[str | Path], output: str | Path | None = None, recipe: str | None = None, **overrides: Any
+) -> None:
+    """`evaluate`'s arguments are valid (pipeline pre-flight: the checkpoints may not exist yet)."""
+    eval_config(recipe, output, **overrides)
 
 
 def check_inputs(checkpoints: list[str], config: EvalConfig) -> None:

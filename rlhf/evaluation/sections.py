@@ -27,9 +27,9 @@ from rlhf.evaluation.generation import (
 )
 from rlhf.evaluation.metrics import load_metric
 from rlhf.evaluation.perplexity import perplexity
-from rlhf.evaluation.report import plot_training_curves
 from rlhf.evaluation.robustness import robustness_section
 from rlhf.evaluation.safety import safety_section
+from rlhf.plots import plot_training_curves
 
 Section = Callable[[SectionContext], dict[str, Any]]
 REFERENCE_COLUMNS = ("reference", "answer", "completion")

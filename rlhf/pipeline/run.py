@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from rlhf.artifacts import incomplete_dir, write_json
 from rlhf.config import RecipeError
 from rlhf.pipeline.preflight import preflight, show_examples, write_stage_recipe
+from rlhf.pipeline.report import write_report
 from rlhf.pipeline.spec import Pipeline, PlannedStage, StageSpec, fingerprint, plan_stage
-from rlhf.pipeline_report import write_report
 
 LINEAGE_FILE = "lineage.json"
 FINGERPRINT_FILE = "fingerprint.json"

@@ -145,14 +145,20 @@ def plan_stage(pipeline: Pipeline, spec: StageSpec) -> PlannedStage:
 
 def check_command_call(planned: PlannedStage) -> None:
     """The command accepts these arguments (a typo in `args:` fails here, not after earlier stages ran)."""
-    function = planned.command.load(planned.command.function)
+    command = planned.command
+    function = command.load(command.function)
     try:
         inspect.signature(function).bind(*planned.call_args, **planned.call_kwargs)
     except TypeError as error:
         accepted = [p for p in inspect.signature(function).parameters if p != "output"]
         raise RecipeError(
-            f"stage {planned.name} (command {planned.command.name}): {error}; its arguments are {', '.join(accepted)}."
+            f"stage {planned.name} (command {command.name}): {error}; its arguments are {', '.join(accepted)}."
         ) from None
+    if command.check:
+        try:
+            command.load(command.check)(*planned.call_args, **planned.call_kwargs)
+        except RecipeError as error:
+            raise RecipeError(f"stage {planned.name} (command {command.name}): {error}") from None
 
 
 def _hash_path(path: str) -> str:

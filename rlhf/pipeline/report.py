@@ -8,7 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf.compress import latency_ms_per_token, weights_size_bytes
+from rlhf.config import ModelArguments
 from rlhf.evaluation.report import markdown_table, markdown_to_html
+from rlhf.modeling import load_causal_lm, load_tokenizer
+from rlhf.pipeline.spec import Pipeline
+from rlhf.plots import plt, save_figure
 
 HEADLINE_COLUMNS = [
     ("rule score", "rule_reward"),
@@ -21,7 +26,7 @@ HEADLINE_COLUMNS = [
 ]
 
 
-def _eval_results(pipeline: Any) -> tuple[dict[str, dict[str, Any]], Path | None]:
+def _eval_results(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], Path | None]:
     """Merged per-model results of every eval stage in the pipeline, and the last eval dir."""
     results: dict[str, dict[str, Any]] = {}
     last = None
@@ -33,12 +38,8 @@ def _eval_results(pipeline: Any) -> tuple[dict[str, dict[str, Any]], Path | None
     return results, last
 
 
-def _latency(pipeline: Any, name: str) -> float | None:
+def _latency(pipeline: Pipeline, name: str) -> float | None:
     """CPU generation latency (ms/token, batch 1) of a stage's model, measured once per fingerprint."""
-    from rlhf.compress import latency_ms_per_token
-    from rlhf.config import ModelArguments
-    from rlhf.modeling import load_causal_lm, load_tokenizer
-
     stage_dir = pipeline.stage_dir(name)
     lineage = stage_dir / "lineage.json"
     if not (stage_dir / "config.json").exists() or not lineage.exists():
@@ -54,11 +55,6 @@ def _latency(pipeline: Any, name: str) -> float | None:
 
 
 def _plot_bars(results: dict[str, dict[str, Any]], key: str, title: str, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n, r in results.items() if r.get("metrics", {}).get(key) is not None]
     if not names:
         return None
@@ -66,18 +62,10 @@ def _plot_bars(results: dict[str, dict[str, Any]], key: str, title: str, path: P
     ax.bar(names, [results[n]["metrics"][key] for n in names], color="#4C72B0")
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_reward_distributions(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scored = {n: r["scores"]["reward_model"] for n, r in results.items() if (r.get("scores") or {}).get("reward_model")}
     if not scored:
         return None
@@ -86,10 +74,7 @@ def _plot_reward_distributions(results: dict[str, dict[str, Any]], path: Path) -
         ax.hist(scores, bins=20, alpha=0.5, label=name)
     ax.set_title("reward-model score of generated responses")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _lineage_lines(lineage: dict[str, Any], depth: int = 0) -> list[str]:
@@ -102,10 +87,8 @@ def _lineage_lines(lineage: dict[str, Any], depth: int = 0) -> list[str]:
     return lines
 
 
-def write_report(pipeline: Any, summary: dict[str, Any]) -> Path:
+def write_report(pipeline: Pipeline, summary: dict[str, Any]) -> Path:
     """Write `<output_dir>/report.md` and `report.html`; return the Markdown path."""
-    from rlhf.compress import weights_size_bytes
-
     out = pipeline.output_dir
     plots = out / "report_plots"
     if plots.exists():
