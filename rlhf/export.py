@@ -133,11 +133,7 @@ def merge(
             f"ADAPTER_DIR: {adapter_dir!r} has no {ADAPTER_CONFIG}; point it at a PEFT stage output "
             "(a recipe with use_peft: true), or use `rlhf export` for a full checkpoint."
         )
-    _check_output(str(output), [adapter_dir])
-    model, tokenizer = load_for_inference(adapter_dir, None, base, trust_remote_code)
-    path = save_checkpoint(model, tokenizer, output, dtype, max_shard_size)
-    print(f"merged {adapter_dir} into {adapter_base(adapter_dir, base)} → {path}")
-    return path
+    return export(adapter_dir, output, dtype, max_shard_size, base, trust_remote_code)
 
 
 def merge_main(argv: list[str] | None = None) -> Path:

@@ -55,3 +55,17 @@ def plot_training_curves(stage_dir: str | Path, out_dir: str | Path) -> list[Pat
         ax.legend(fontsize=7)
         written.append(save_figure(fig, out_dir / f"{Path(stage_dir).name}_{name}.png"))
     return written
+
+
+def plot_histograms(series: dict[str, list[float]], title: str, path: Path, xlabel: str | None = None) -> Path | None:
+    """Overlaid histograms, one per named series (None when every series is empty)."""
+    if not any(series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in series.items():
+        ax.hist(values, bins=20, alpha=0.5, label=name)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return save_figure(fig, path)

@@ -103,6 +103,41 @@ def test_preflight_catches_a_broken_recipe_before_any_stage_runs(tmp_path):
     assert not (tmp_path / "out" / "base").exists()
 
 
+def test_preflight_checks_every_model_path_and_command_argument(tmp_path):
+    """A missing reward model, or a typo in a command's `args:`, fails before the first stage runs."""
+    path = _write_pipeline(tmp_path)
+    ppo_recipe = tmp_path / "ppo.yaml"
+    ppo_recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "ppo",
+                "model_name_or_path": "wired-by-pipeline",
+                "reward_model_path": str(tmp_path / "no-such-reward-model"),
+                "output_dir": "wired-by-pipeline",
+                "dataset_name": "synthetic:prompts",
+            }
+        )
+    )
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["stages"].insert(2, {"name": "ppo", "recipe": str(ppo_recipe), "inputs": {"model_name_or_path": "sft"}})
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    with pytest.raises(RecipeError, match="reward_model_path: path .*no-such-reward-model.* does not exist"):
+        run_pipeline(load_pipeline(str(path)))
+
+    pipeline["stages"].pop(2)
+    pipeline["stages"][0]["args"]["hidden_sise"] = 32
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    with pytest.raises(RecipeError, match="stage base \\(command tiny-checkpoint\\): .*hidden_sise"):
+        run_pipeline(load_pipeline(str(path)))
+
+    del pipeline["stages"][0]["args"]["hidden_sise"]
+    pipeline["stages"][-1]["args"]["num_promptz"] = 8
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    with pytest.raises(RecipeError, match="stage eval \\(command eval\\): unknown key `num_promptz`"):
+        run_pipeline(load_pipeline(str(path)))
+    assert not (tmp_path / "out" / "base").exists()
+
+
 def test_pipeline_killed_mid_ppo_resumes_with_the_same_command(tmp_path):
     """SIGKILL the pipeline while PPO runs; the same command skips finished stages and resumes PPO."""
     import os

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.plots import plt, save_figure
+from rlhf.plots import plot_histograms, plt, save_figure
 
 # Headline metrics, in table order: (key, label, higher is better?)
 HEADLINE = [
@@ -73,15 +73,7 @@ def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, pat
 
 def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path | None:
     """Histogram of response lengths (tokens) per model."""
-    if not any(lengths.values()):
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, values in lengths.items():
-        ax.hist(values, bins=20, alpha=0.5, label=name)
-    ax.set_xlabel("response length (tokens)")
-    ax.legend(fontsize=8)
-    ax.set_title("response lengths")
-    return save_figure(fig, path)
+    return plot_histograms(lengths, "response lengths", path, xlabel="response length (tokens)")
 
 
 # ------------------------------------------------------------------------------------------------ report

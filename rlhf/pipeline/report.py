@@ -13,7 +13,7 @@ from rlhf.config import ModelArguments
 from rlhf.evaluation.report import markdown_table, markdown_to_html
 from rlhf.modeling import load_causal_lm, load_tokenizer
 from rlhf.pipeline.spec import Pipeline
-from rlhf.plots import plt, save_figure
+from rlhf.plots import plot_histograms, plt, save_figure
 
 HEADLINE_COLUMNS = [
     ("rule score", "rule_reward"),
@@ -67,14 +67,7 @@ def _plot_bars(results: dict[str, dict[str, Any]], key: str, title: str, path: P
 
 def _plot_reward_distributions(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
     scored = {n: r["scores"]["reward_model"] for n, r in results.items() if (r.get("scores") or {}).get("reward_model")}
-    if not scored:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for name, scores in scored.items():
-        ax.hist(scores, bins=20, alpha=0.5, label=name)
-    ax.set_title("reward-model score of generated responses")
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    return plot_histograms(scored, "reward-model score of generated responses", path)
 
 
 def _lineage_lines(lineage: dict[str, Any], depth: int = 0) -> list[str]:

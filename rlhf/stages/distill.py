@@ -196,18 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes["student_fraction"] = sizes["student"] / sizes["teacher"]
 
     final_dir, resume_from = start_stage(training_args)
-    if mode == "offline":
-        trainer = OfflineDistillationTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            callbacks=regularization_callbacks(model_args),
-        )
-    elif mode == "gkd":
-        trainer = GKDTrainer(
+    if mode in ("offline", "gkd"):
+        trainer_class = OfflineDistillationTrainer if mode == "offline" else GKDTrainer
+        trainer = trainer_class(
             model=student,
             teacher_model=teacher,
             args=training_args,
