@@ -215,11 +215,3 @@ def parse_dataclass(cls: type, values: dict[str, Any], source: str = "recipe") -
         return cls(**kwargs)
     except (ValueError, TypeError) as error:
         raise RecipeError(f"{source}: {error}") from None
-
-
-def recipe_stage(path: str) -> str:
-    """The stage a recipe file names in its `stage:` key (checked against the stage registry by the caller)."""
-    stage = read_recipe_file(path).get("stage")
-    if not isinstance(stage, str) or not stage:
-        raise RecipeError(f"recipe {path}: no `stage:` key; add e.g. `stage: sft`.")
-    return stage

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from rlhf.config import Recipe, RecipeError, recipe_stage
+from rlhf.config import Recipe, RecipeError, read_recipe_file
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,13 @@ STAGES: dict[str, Stage] = {
 
 def stage_of(recipe_path: str) -> Stage:
     """The registered stage a recipe file names in its `stage:` key."""
-    name = recipe_stage(recipe_path)
+    return stage_named(read_recipe_file(recipe_path).get("stage"), f"recipe {recipe_path}")
+
+
+def stage_named(name: Any, where: str) -> Stage:
+    """The registered stage called `name`; `where` says whose `stage:` key it came from."""
     if name not in STAGES:
-        raise RecipeError(f"recipe {recipe_path}: `stage:` is {name!r}; set it to one of {', '.join(STAGES)}.")
+        raise RecipeError(f"{where}: `stage:` is {name!r}; set it to one of {', '.join(STAGES)}.")
     return STAGES[name]
 
 

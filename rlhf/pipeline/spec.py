@@ -14,7 +14,7 @@ from typing import Any
 import rlhf
 from rlhf.config import RecipeError, read_recipe_file
 from rlhf.data import synthetic
-from rlhf.registry import COMMANDS, PIPELINE_COMMANDS, Command, Stage, stage_of
+from rlhf.registry import COMMANDS, PIPELINE_COMMANDS, Command, Stage, stage_named
 
 PIPELINE_KEYS = {"name", "output_dir", "accelerate_config", "stages", "report"}
 STAGE_KEYS = {"name", "recipe", "command", "input", "inputs", "args", "enabled"}
@@ -134,8 +134,8 @@ def plan_stage(pipeline: Pipeline, spec: StageSpec) -> PlannedStage:
     output = str(pipeline.stage_dir(spec.name))
     if spec.recipe:
         values = {**read_recipe_file(spec.recipe), **spec.args, **wired, "output_dir": output}
-        values.pop("stage", None)
-        return PlannedStage(spec, stage=stage_of(spec.recipe), recipe_values=values)
+        stage = stage_named(values.pop("stage", None), f"recipe {spec.recipe}")
+        return PlannedStage(spec, stage=stage, recipe_values=values)
     command = COMMANDS[spec.command]
     inputs = [str(pipeline.stage_dir(name)) for name in spec.positional]
     call_args = {"none": [], "one": inputs[:1], "many": [inputs]}[command.inputs]
