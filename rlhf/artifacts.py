@@ -1,7 +1,11 @@
 """Stage outputs: written to `<output_dir>.incomplete`, renamed to `<output_dir>` only when complete.
 
 A directory named exactly `output_dir` is therefore always a finished stage; a killed run leaves
-only the `.incomplete` folder, whose Trainer checkpoints the next run resumes from.
+only the `.incomplete` folder, whose Trainer checkpoints the next run resumes from. Every folder
+rlhf writes carries a marker file, and rlhf replaces or deletes only folders that carry it (or an
+older version's output files), so a mistyped `output_dir` never removes a user's own files. One
+run at a time writes an output: `<output_dir>.lock` (a `filelock` lock, freed by the OS when the
+holder dies) makes a second run fail at once, naming the holder.
 """
 
 from __future__ import annotations
@@ -9,18 +13,90 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock, Timeout
 
+from rlhf.config import RecipeError
 from rlhf.publish import publish_if_requested
 
 INCOMPLETE_SUFFIX = ".incomplete"
 METRICS_FILE = "metrics.json"
 RECIPE_FILE = "recipe.yaml"
+OUTPUT_MARKER = ".rlhf-output"
+# What earlier rlhf versions left in their outputs (before the marker existed).
+LEGACY_OUTPUT_FILES = (METRICS_FILE, "eval.json", "compress_report.json", "top_tokens.json", "lineage.json")
+_held_locks: dict[str, FileLock] = {}
+
+
+def is_rlhf_output(path: str | Path) -> bool:
+    """Whether `path` is a folder rlhf wrote (so rlhf may replace it)."""
+    path = Path(path)
+    return any((path / name).exists() for name in (OUTPUT_MARKER, *LEGACY_OUTPUT_FILES))
+
+
+def check_output_dir(output_dir: str | Path, field: str = "output_dir", inputs: tuple[str, ...] = ()) -> None:
+    """Refuse an output folder rlhf would have to delete or overwrite without owning it, before anything loads."""
+    path = Path(output_dir).expanduser()
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor) or resolved in (Path.cwd().resolve(), Path.home().resolve()):
+        raise RecipeError(f"{field}: {str(output_dir)!r} is not a folder rlhf can write into; name a new folder.")
+    if any(resolved == Path(source).resolve() for source in inputs):
+        raise RecipeError(f"{field}: {str(output_dir)!r} is the input directory; write the result to a new directory.")
+    for folder in (path, incomplete_dir(path)):
+        if folder.is_file() or (folder.is_dir() and any(folder.iterdir()) and not is_rlhf_output(folder)):
+            raise RecipeError(
+                f"{field}: {str(folder)!r} exists and was not written by rlhf; rlhf would replace it, so it "
+                "refuses. Choose a new folder, or move your files away."
+            )
+
+
+@contextmanager
+def output_lock(output_dir: str | Path) -> Iterator[None]:
+    """Hold `<output_dir>.lock` for the block; a second holder fails at once, naming the first."""
+    acquire_output_lock(output_dir)
+    try:
+        yield
+    finally:
+        release_output_lock(output_dir)
+
+
+def acquire_output_lock(output_dir: str | Path) -> None:
+    """Take `<output_dir>.lock` (non-blocking) and record who holds it; RecipeError when another run does."""
+    path = Path(output_dir)
+    if str(path) in _held_locks:
+        return  # this process holds it already (a stage rerun in the same process after an error)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(path.name + ".lock"), timeout=0)
+    holder_file = path.with_name(path.name + ".lock.json")
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = json.loads(holder_file.read_text()) if holder_file.exists() else {}
+        raise RecipeError(
+            f"output_dir: {str(path)!r} is being written by another run (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}: {holder.get('command', '?')}, since {holder.get('since', '?')}); "
+            "wait for it to finish or choose another output_dir."
+        ) from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300]}
+    holder["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json(holder_file, holder)
+    _held_locks[str(path)] = lock
+
+
+def release_output_lock(output_dir: str | Path) -> None:
+    """Release a lock taken by acquire_output_lock in this process (no-op if none)."""
+    lock = _held_locks.pop(str(Path(output_dir)), None)
+    if lock is not None:
+        Path(output_dir).with_name(Path(output_dir).name + ".lock.json").unlink(missing_ok=True)
+        lock.release()
 
 
 def incomplete_dir(output_dir: str | Path) -> Path:
@@ -31,6 +107,7 @@ def incomplete_dir(output_dir: str | Path) -> Path:
 
 def move_into_place(tmp: Path, final: Path) -> None:
     """Atomically replace `final` with the finished `tmp` (same filesystem, so a rename)."""
+    check_output_dir(final)  # also checked before the run; the folder may have changed since
     replaced = final.with_name(final.name + ".replaced")
     if final.exists():
         if replaced.exists():
@@ -44,23 +121,30 @@ def move_into_place(tmp: Path, final: Path) -> None:
 @contextmanager
 def atomic_output_dir(output_dir: str | Path) -> Iterator[Path]:
     """Yield a scratch directory that becomes `output_dir` only if the block finishes."""
-    tmp = incomplete_dir(output_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
-        raise
-    move_into_place(tmp, Path(output_dir))
+    check_output_dir(output_dir)
+    with output_lock(output_dir):
+        tmp = incomplete_dir(output_dir)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / OUTPUT_MARKER).touch()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
+            raise
+        move_into_place(tmp, Path(output_dir))
 
 
 def start_stage(training_args: Any) -> tuple[Path, str | None]:
     """Point the trainer at the scratch directory; return (final output dir, checkpoint to resume from)."""
     final = Path(training_args.output_dir)
+    check_output_dir(final)
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process until finish_stage
+        acquire_output_lock(final)
     tmp = incomplete_dir(final)
     tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / OUTPUT_MARKER).touch()
     training_args.output_dir = str(tmp)
     resume = training_args.resume_from_checkpoint or last_complete_checkpoint(tmp)
     return final, resume
@@ -118,6 +202,7 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
             yaml.safe_dump({k: v for k, v in recipe.resolved.items() if k != "hub_token"}, handle, sort_keys=False)
         move_into_place(tmp, final)
         publish_if_requested(final, trainer.args)  # push_to_hub: upload the finished output once
+        release_output_lock(final)
     trainer.accelerator.wait_for_everyone()
     return final
 

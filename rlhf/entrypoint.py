@@ -1,20 +1,32 @@
-"""How every `python -m rlhf...` module and `rlhf` command runs its `main`: user mistakes as one line."""
+"""How every `python -m rlhf...` module and `rlhf` command runs its `main`: foreseeable failures as one line."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
 from rlhf.config import RecipeError
 from rlhf.distributed import shutdown_distributed
 
+RESUME_HINT = "finished outputs are intact; run the same command again to resume"
+
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Call a command's main; a user mistake prints one clear line and exits 2 instead of a traceback."""
+    """Call a command's main; a user mistake, Ctrl-C or a full disk prints one line instead of a traceback."""
     try:
         main(argv)
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {RESUME_HINT}.", file=sys.stderr)
+        sys.exit(130)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        where = f" while writing {error.filename}" if error.filename else ""
+        print(f"error: the disk is full{where}; free some space, then {RESUME_HINT}.", file=sys.stderr)
+        sys.exit(1)
     finally:
         shutdown_distributed()  # under accelerate launch / torchrun; a no-op in one process

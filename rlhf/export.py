@@ -19,7 +19,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig
 
-from rlhf.artifacts import atomic_output_dir
+from rlhf.artifacts import atomic_output_dir, check_output_dir
 from rlhf.config import RecipeError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -113,12 +113,6 @@ def save_checkpoint(
     return Path(output_dir)
 
 
-def _check_output(output: str, sources: list[str]) -> None:
-    resolved = Path(output).resolve()
-    if any(resolved == Path(s).resolve() for s in sources):
-        raise RecipeError(f"--output {output!r} is the input directory; write the result to a new directory.")
-
-
 def merge(
     adapter_dir: str,
     output: str | Path,
@@ -157,7 +151,7 @@ def export(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write `checkpoint` to `output` as a self-contained inference folder (adapters merged, no training files)."""
-    _check_output(str(output), [checkpoint])
+    check_output_dir(output, "--output", inputs=(checkpoint,))
     # Re-saving through save_pretrained (rather than copying files) is what leaves metrics, trainer
     # state, optimizer files and pickled arguments behind, and writes standard safetensors shards.
     model, tokenizer = load_for_inference(checkpoint, None, base, trust_remote_code)

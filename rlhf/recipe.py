@@ -13,6 +13,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from rlhf.artifacts import check_output_dir
 from rlhf.config import (
     DataArguments,
     ModelArguments,
@@ -117,6 +118,7 @@ def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
             if isinstance(value, str) and value and str(Path(value)) not in pending:
                 check_model_source(value, name)
     check_data_sources(recipe.data)
+    check_output_dir(recipe.training.output_dir)
     template = getattr(recipe.training, "chat_template_path", None)
     if template and not Path(template).exists() and template.startswith((".", "/")):
         raise RecipeError(f"chat_template_path: {template!r} does not exist; fix the path or remove the key.")

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlhf.artifacts import atomic_output_dir
+from rlhf.artifacts import atomic_output_dir, check_output_dir
 from rlhf.data.synthetic import corpus_for_tokenizer
 from rlhf.modeling import CHAT_TEMPLATE, align_generation_config
 
@@ -50,6 +50,7 @@ def build_tiny_checkpoint(
     A Llama config keeps our tokenizer as is (a Qwen2 config would make AutoTokenizer swap in
     Qwen2Tokenizer and change token ids).
     """
+    check_output_dir(output, "OUTPUT_DIR")
     torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer(vocab_size)
     config = LlamaConfig(

@@ -32,7 +32,7 @@ from torch.nn.utils import prune as torch_prune
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from rlhf.artifacts import atomic_output_dir, write_json
+from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
 from rlhf.compress import REPORT_FILE, linear_weights, quality_report, weights_size_bytes
 from rlhf.compress import sparsity as sparsity_of
 from rlhf.config import RecipeError
@@ -191,6 +191,7 @@ def prune(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Prune `checkpoint` into `output` (written atomically), optionally fine-tune to recover; return the report."""
+    check_output_dir(output, "--output", inputs=(checkpoint,))
     check_model_source(checkpoint, "CHECKPOINT")
     check_request(checkpoint, method, sparsity, mlp_keep, heads_keep, trust_remote_code)
     recovery = None

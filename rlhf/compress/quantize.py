@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import ModelConfig
 
-from rlhf.artifacts import atomic_output_dir, write_json
+from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
 from rlhf.compress import REPORT_FILE, quality_report, weights_size_bytes
 from rlhf.config import RecipeError
 from rlhf.modeling import (
@@ -106,6 +106,7 @@ def quantize(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Quantize `checkpoint` into `output` (written atomically) and return the size/quality report."""
+    check_output_dir(output, "--output", inputs=(checkpoint,))
     check_model_source(checkpoint, "CHECKPOINT")
     check_quantization(method, backend, dtype=dtype)
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=checkpoint), trust_remote_code)

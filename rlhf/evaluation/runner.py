@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rlhf.artifacts import atomic_output_dir, write_json
+from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
 from rlhf.config import RecipeError, parse_dataclass, parse_overrides, read_recipe_file
 from rlhf.data.load import check_source
 from rlhf.evaluation.context import EvalConfig, Judge, Models, SectionContext
@@ -138,6 +138,7 @@ def evaluate(
     checkpoints = [str(c) for c in checkpoints]
     config = eval_config(recipe, output, **overrides)
     output_dir = Path(config.output_dir or Path(checkpoints[0]) / "eval")
+    check_output_dir(output_dir, "--output", inputs=tuple(checkpoints))
     evaluation = run_evaluation(checkpoints, config, output_dir)
     for name, result in evaluation["results"].items():
         summary = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if isinstance(v, int | float))

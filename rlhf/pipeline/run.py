@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rlhf.artifacts import incomplete_dir, write_json
+from rlhf.artifacts import incomplete_dir, output_lock, write_json
 from rlhf.config import RecipeError
 from rlhf.pipeline.preflight import preflight, show_examples, write_stage_recipe
 from rlhf.pipeline.report import write_report
@@ -94,6 +94,13 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or skip) every stage; return the per-stage summary written to `<output_dir>/.pipeline/run.json`."""
+    with output_lock(pipeline.state_dir):  # one run per pipeline folder
+        return _run_pipeline(pipeline, only, start, force, echo)
+
+
+def _run_pipeline(
+    pipeline: Pipeline, only: str | None, start: str | None, force: bool, echo: Callable[[str], None]
+) -> dict[str, Any]:
     # Plan: resolve every enabled stage once and fingerprint it with its upstream fingerprints.
     selected, forced = select_stages(pipeline, only, start)
     if force:

@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from rlhf.registry import COMMANDS, PIPELINE_COMMANDS, Command, Stage, stage_nam
 PIPELINE_KEYS = {"name", "output_dir", "accelerate_config", "stages", "report"}
 STAGE_KEYS = {"name", "recipe", "command", "input", "inputs", "args", "enabled"}
 STATE_DIR = ".pipeline"
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -91,6 +93,11 @@ def load_pipeline(path: str) -> Pipeline:
                 f"{where} ({entry['name']}): unknown keys {sorted(unknown)}; allowed: {sorted(STAGE_KEYS)}."
             )
         spec = StageSpec(**entry)
+        if not isinstance(spec.name, str) or not STAGE_NAME.fullmatch(spec.name):
+            raise RecipeError(
+                f"{where}: stage name {spec.name!r} must be letters, digits, `_`, `-` or `.` (it names the folder "
+                "<output_dir>/<name>, so no `/`, `..` or absolute paths)."
+            )
         if bool(spec.recipe) == bool(spec.command):
             raise RecipeError(f"{where} ({spec.name}): give exactly one of `recipe:` or `command:`.")
         if spec.command and spec.command not in PIPELINE_COMMANDS:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
 from trl import DistillationConfig, DistillationTrainer, ModelConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
     teacher_args = ModelConfig(model_name_or_path=training_args.teacher_model_name_or_path, dtype=model_args.dtype)
     teacher = load_causal_lm(teacher_args, recipe.trust_remote_code).eval()
+    set_seed(training_args.seed)  # a resized student is initialised at random: the same in every run
     student = build_student(recipe)
     align_generation_config(student, tokenizer)
     align_generation_config(teacher, tokenizer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "language_modeling", training_args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    set_seed(training_args.seed)  # a from-scratch init must be the same in every run with this seed
     model = load_causal_lm(model_args, recipe.trust_remote_code, from_scratch=training_args.from_scratch)
     align_generation_config(model, tokenizer)
 

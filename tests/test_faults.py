@@ -1,0 +1,190 @@
+"""Faults a long job meets on a shared machine: each promise provoked for real, on tiny models.
+
+Foreign folders are never replaced, output paths stay where the user named them, one run writes an
+output at a time (a second fails at once, a lock left by kill -9 is taken over), Ctrl-C and a full
+disk end in one line with finished outputs intact, and a from-scratch initialisation is seeded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from rlhf.artifacts import acquire_output_lock, atomic_output_dir, release_output_lock
+from rlhf.config import RecipeError
+from rlhf.entrypoint import run
+from rlhf.pipeline import load_pipeline, run_pipeline
+from rlhf.stages import pretrain, sft
+from tests.conftest import FAST_TRAINING, write_recipe
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _sft_recipe(path: Path, checkpoint: Path, output: Path, **keys) -> Path:
+    values = {
+        "stage": "sft",
+        "model_name_or_path": str(checkpoint),
+        "dataset_name": "synthetic:sft",
+        "synthetic_num_examples": 64,
+        "max_length": 64,
+        "max_steps": 4,
+        "output_dir": str(output),
+        **FAST_TRAINING,
+    }
+    return write_recipe(path, **{**values, **keys})
+
+
+def test_a_stage_never_replaces_a_folder_it_did_not_write(tmp_path, tiny_checkpoint):
+    mine = tmp_path / "my-files"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "important.txt").write_text("keep me")
+    recipe = _sft_recipe(tmp_path / "sft.yaml", tiny_checkpoint, mine)
+    with pytest.raises(RecipeError, match="was not written by rlhf"):
+        sft.main([str(recipe)])
+    assert (mine / "important.txt").read_text() == "keep me" and (mine / "photos").is_dir()
+    assert not (tmp_path / "my-files.incomplete").exists()
+    for where in (".", "/", str(Path.home())):
+        with pytest.raises(RecipeError, match="not a folder rlhf can write into"):
+            sft.parse([str(recipe), "--output_dir", where])
+
+
+def test_commands_refuse_a_foreign_output_folder_before_loading(tmp_path, tiny_checkpoint):
+    from rlhf.compress.quantize import quantize
+    from rlhf.export import export
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    for command in (lambda: quantize(str(tiny_checkpoint), mine, "int8"), lambda: export(str(tiny_checkpoint), mine)):
+        with pytest.raises(RecipeError, match="was not written by rlhf"):
+            command()
+    assert (mine / "notes.md").read_text() == "mine" and sorted(os.listdir(mine)) == ["notes.md"]
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/b", "..", ".hidden"])
+def test_pipeline_stage_names_cannot_leave_the_pipeline_folder(tmp_path, name):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [{"name": name, "command": "tiny-checkpoint"}]})
+    )
+    with pytest.raises(RecipeError, match="stage name"):
+        load_pipeline(str(path))
+
+
+def _hold_lock_in_another_process(output: Path) -> subprocess.Popen:
+    code = (
+        "import sys, time; from rlhf.artifacts import acquire_output_lock; "
+        f"acquire_output_lock({str(output)!r}); print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_one_run_per_output_folder_and_a_killed_holder_frees_it(tmp_path, tiny_checkpoint):
+    out = tmp_path / "sft"
+    recipe = _sft_recipe(tmp_path / "sft.yaml", tiny_checkpoint, out)
+    holder = _hold_lock_in_another_process(out)
+    try:
+        started = time.time()
+        with pytest.raises(RecipeError, match=f"being written by another run \\(pid {holder.pid} "):
+            sft.main([str(recipe)])
+        assert time.time() - started < 60  # fails at once, does not wait for the holder
+        assert not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The holder died without releasing: its lock is stale, and the next run takes it over.
+    sft.main([str(recipe)])
+    assert (out / "model.safetensors").exists()
+    acquire_output_lock(out)  # free again after the stage finished
+    release_output_lock(out)
+
+
+def test_two_pipelines_on_one_folder_the_second_fails_at_once(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    out = tmp_path / "out"
+    path.write_text(
+        yaml.safe_dump({"output_dir": str(out), "stages": [{"name": "base", "command": "tiny-checkpoint"}]})
+    )
+    holder = _hold_lock_in_another_process(out / ".pipeline")
+    try:
+        with pytest.raises(RecipeError, match="being written by another run"):
+            run_pipeline(load_pipeline(str(path)))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "base").exists()
+
+
+def test_ctrl_c_ends_in_one_line_and_the_same_command_resumes(tmp_path, tiny_checkpoint):
+    out = tmp_path / "sft"
+    recipe = _sft_recipe(
+        tmp_path / "sft.yaml", tiny_checkpoint, out, max_steps=400, save_strategy="steps", save_steps=5
+    )
+    command = [sys.executable, "-m", "rlhf.stages.sft", str(recipe)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "sft.incomplete").glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: finished outputs are intact")
+    assert "Traceback" not in stderr and not out.exists()
+
+    resumed = subprocess.run([*command, "--max_steps", "12"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = yaml.safe_load((out / "metrics.json").read_text())
+    assert Path(metrics["resumed_from"]).name.startswith("checkpoint-")
+
+
+def test_a_full_disk_ends_in_one_line_and_the_finished_output_stays(tmp_path, capsys):
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "weights.txt").write_text("finished")
+
+    def write_more(argv: list[str] | None) -> None:
+        with atomic_output_dir(out) as tmp:
+            (tmp / "weights.txt").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+            with open(tmp / "weights.txt", "w") as handle:
+                handle.write("x" * 2**16)
+                handle.flush()
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(write_more, [])
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: the disk is full") and len(message.splitlines()) == 1
+    assert (out / "weights.txt").read_text() == "finished"
+    assert not (tmp_path / "out.incomplete").exists()
+
+
+def test_from_scratch_initialisation_is_seeded(tmp_path, tiny_checkpoint):
+    weights = []
+    for run_name in ("first", "second"):
+        recipe = write_recipe(
+            tmp_path / f"{run_name}.yaml",
+            stage="pretrain",
+            model_name_or_path=str(tiny_checkpoint),
+            from_scratch=True,
+            dataset_name="synthetic:pretrain",
+            synthetic_num_examples=64,
+            max_length=64,
+            max_steps=2,
+            output_dir=str(tmp_path / run_name),
+            **FAST_TRAINING,
+        )
+        pretrain.main([str(recipe)])
+        weights.append(load_file(tmp_path / run_name / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all((weights[0][name] == weights[1][name]).all() for name in weights[0])
