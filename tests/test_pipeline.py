@@ -51,6 +51,17 @@ def _write_pipeline(tmp_path: Path, sft_steps: int = 6) -> Path:
     return path
 
 
+def _add_ppo_stage(path: Path, **keys) -> dict:
+    """Insert a PPO stage (wired to sft) after sft in the pipeline file; return the pipeline."""
+    ppo_recipe = path.parent / "ppo.yaml"
+    values = {"stage": "ppo", "model_name_or_path": "wired", "output_dir": "wired", "dataset_name": "synthetic:prompts"}
+    ppo_recipe.write_text(yaml.safe_dump({**values, **keys}))
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["stages"].insert(2, {"name": "ppo", "recipe": str(ppo_recipe), "inputs": {"model_name_or_path": "sft"}})
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return pipeline
+
+
 def _statuses(summary: dict) -> dict[str, str]:
     return {name: info["status"] for name, info in summary["stages"].items()}
 
@@ -106,21 +117,7 @@ def test_preflight_catches_a_broken_recipe_before_any_stage_runs(tmp_path):
 def test_preflight_checks_every_model_path_and_command_argument(tmp_path):
     """A missing reward model, or a typo in a command's `args:`, fails before the first stage runs."""
     path = _write_pipeline(tmp_path)
-    ppo_recipe = tmp_path / "ppo.yaml"
-    ppo_recipe.write_text(
-        yaml.safe_dump(
-            {
-                "stage": "ppo",
-                "model_name_or_path": "wired-by-pipeline",
-                "reward_model_path": str(tmp_path / "no-such-reward-model"),
-                "output_dir": "wired-by-pipeline",
-                "dataset_name": "synthetic:prompts",
-            }
-        )
-    )
-    pipeline = yaml.safe_load(path.read_text())
-    pipeline["stages"].insert(2, {"name": "ppo", "recipe": str(ppo_recipe), "inputs": {"model_name_or_path": "sft"}})
-    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    pipeline = _add_ppo_stage(path, reward_model_path=str(tmp_path / "no-such-reward-model"))
     with pytest.raises(RecipeError, match="reward_model_path: path .*no-such-reward-model.* does not exist"):
         run_pipeline(load_pipeline(str(path)))
 
@@ -147,30 +144,20 @@ def test_pipeline_killed_mid_ppo_resumes_with_the_same_command(tmp_path):
     import time
 
     path = _write_pipeline(tmp_path)
-    ppo_recipe = tmp_path / "ppo.yaml"
-    ppo_recipe.write_text(
-        yaml.safe_dump(
-            {
-                "stage": "ppo",
-                "model_name_or_path": "wired-by-pipeline",
-                "output_dir": "wired-by-pipeline",
-                "dataset_name": "synthetic:prompts",
-                "synthetic_num_examples": 64,
-                "reward_funcs": ["rlhf.data.synthetic:rule_reward"],
-                "max_steps": 30,
-                "per_device_train_batch_size": 4,
-                "num_ppo_epochs": 1,
-                "response_length": 6,
-                "max_eval_samples": 8,
-                "save_strategy": "steps",
-                "save_steps": 1,
-                "report_to": "none",
-                "disable_tqdm": True,
-            }
-        )
+    pipeline = _add_ppo_stage(
+        path,
+        synthetic_num_examples=64,
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        max_steps=30,
+        per_device_train_batch_size=4,
+        num_ppo_epochs=1,
+        response_length=6,
+        max_eval_samples=8,
+        save_strategy="steps",
+        save_steps=1,
+        report_to="none",
+        disable_tqdm=True,
     )
-    pipeline = yaml.safe_load(path.read_text())
-    pipeline["stages"].insert(2, {"name": "ppo", "recipe": str(ppo_recipe), "inputs": {"model_name_or_path": "sft"}})
     pipeline["stages"][-1]["input"] = ["sft", "ppo"]
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     out = tmp_path / "out"
