@@ -201,7 +201,8 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
             # A token must never land in a file that gets uploaded.
             yaml.safe_dump({k: v for k, v in recipe.resolved.items() if k != "hub_token"}, handle, sort_keys=False)
         move_into_place(tmp, final)
-        publish_if_requested(final, trainer.args)  # push_to_hub: upload the finished output once
+        # push_to_hub: upload the finished output once; the token lives on the Recipe, never in trainer.args.
+        publish_if_requested(final, trainer.args, token=recipe.hub_token)
         release_output_lock(final)
     trainer.accelerator.wait_for_everyone()
     return final

@@ -61,10 +61,13 @@ class ModelArguments(ModelConfig):
     `dropout` sets every dropout probability of the architecture's config (attention_dropout,
     hidden_dropout, resid_pdrop, …; not lora_dropout). `l1_regularization` adds an L1 penalty on
     the trainable weights, applied as coef·sign(w) to their gradients before each optimizer step.
+    `allow_pickle_weights` lets a checkpoint without safetensors load its pickled weights
+    (pytorch_model.bin, *.pt, *.pth); unpickling can run code, so it is for sources you trust.
     """
 
     dropout: float | None = None
     l1_regularization: float = 0.0
+    allow_pickle_weights: bool = False
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Recipe:
     training: Any
     resolved: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    # Kept out of `resolved` and of the training config, so it is never written to a file or pickled
+    # into a checkpoint; only the final push (artifacts.finish_stage) reads it.
+    hub_token: str | None = field(default=None, repr=False)
 
     @property
     def trust_remote_code(self) -> bool:
@@ -179,7 +185,14 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             i += 1
         else:
             raw = "true"
-        overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:  # e.g. a `!!python/object` tag: the safe loader builds no objects
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise RecipeError(
+                f"--{key}: {raw!r} is not a plain YAML value ({problem}); give text, a number, true/false, a list "
+                "or a mapping, and quote text that looks like YAML."
+            ) from None
         i += 1
     return overrides
 

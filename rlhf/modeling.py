@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -35,14 +38,61 @@ CHAT_TEMPLATE = (
 )
 
 
-def check_model_source(name_or_path: str, field: str = "model_name_or_path") -> None:
-    """Fail early, with the fix, when a checkpoint is neither a local directory nor reachable on the Hub."""
+# Files that torch.load unpickles; unpickling can run arbitrary code, safetensors cannot.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Trainer and accelerate state saved beside the weights of a checkpoint; they never hold the model's
+# weights, and resuming reads them with torch.load(weights_only=True).
+TRAINING_STATE_FILES = (
+    "training_args.bin",
+    "optimizer*.pt",
+    "optimizer*.bin",
+    "scheduler*.pt",
+    "scheduler*.bin",
+    "scaler.pt",
+    "sampler*.bin",
+    "rng_state*.pth",
+    "random_states_*.pkl",
+    "custom_checkpoint_*.pkl",
+)
+
+
+def pickle_weight_files(names: Iterable[str]) -> list[str]:
+    """The pickled weight files among a checkpoint's file names, when it has no safetensors to load instead."""
+    names = list(names)
+    if any(name.endswith(".safetensors") for name in names):
+        return []  # loaders pass use_safetensors=True, so pickles beside safetensors are never read
+    return sorted(
+        name
+        for name in names
+        if name.endswith(PICKLE_SUFFIXES) and not any(fnmatchcase(name, state) for state in TRAINING_STATE_FILES)
+    )
+
+
+def refuse_pickle_weights(names: Iterable[str], where: str, field: str = "model_name_or_path") -> None:
+    """RecipeError naming the file and the fix when a checkpoint's weights exist only as pickles."""
+    pickles = pickle_weight_files(names)
+    if pickles:
+        raise RecipeError(
+            f"{field}: {where}/{pickles[0]} holds pickled weights and there are no safetensors; loading a pickle "
+            "can run code. Convert the checkpoint to safetensors (`save_pretrained` it where you trust it), or "
+            "set `allow_pickle_weights: true` if you trust the source."
+        )
+
+
+def _local_files(folder: str | Path) -> list[str]:
+    return [p.name for p in Path(folder).iterdir() if p.is_file()]
+
+
+def check_model_source(name_or_path: str, field: str = "model_name_or_path", allow_pickle: bool = False) -> None:
+    """Fail early, with the fix, when a checkpoint is missing, unreachable, or holds only pickled weights."""
     if os.path.isdir(name_or_path):
         if not (Path(name_or_path) / "config.json").exists():
             raise RecipeError(
                 f"{field}: directory {name_or_path!r} has no config.json; point it at a saved checkpoint "
                 "(a stage's output directory or a save_pretrained folder)."
             )
+        if not allow_pickle:
+            refuse_pickle_weights(_local_files(name_or_path), name_or_path, field)
         return
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise RecipeError(
@@ -52,8 +102,11 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path") -> 
     from huggingface_hub.utils import HFValidationError
 
     try:
-        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
-            return  # in the local Hub cache: loads offline
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        if isinstance(cached, str):  # in the local Hub cache: loads offline
+            if not allow_pickle:
+                refuse_pickle_weights(_local_files(Path(cached).parent), name_or_path, field)
+            return
     except HFValidationError as error:
         raise RecipeError(
             f"{field}: {name_or_path!r} is neither a local directory nor a valid Hub id ({error})."
@@ -66,16 +119,33 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path") -> 
     from huggingface_hub import HfApi
 
     try:
-        HfApi().model_info(name_or_path, timeout=10)
+        info = HfApi().model_info(name_or_path, timeout=10)
     except Exception as error:  # any failure here means the load would fail later, after work was done
         raise RecipeError(
             f"{field}: cannot reach the Hugging Face Hub for {name_or_path!r} ({type(error).__name__}); "
             "check the id and your connection, set HF_ENDPOINT for a mirror, or use a local path."
         ) from None
+    if not allow_pickle:
+        top_level = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
+        refuse_pickle_weights(top_level, name_or_path, field)
+
+
+def _check_pickle_weights(model_args: ModelConfig) -> None:
+    """Refuse a local checkpoint whose weights are only pickles, unless its recipe allows them."""
+    path = model_args.model_name_or_path
+    if not getattr(model_args, "allow_pickle_weights", False) and os.path.isdir(path):
+        refuse_pickle_weights(_local_files(path), path)
+
+
+def warn_remote_code(name_or_path: str | Path, trust_remote_code: bool) -> None:
+    """One stderr line when a checkpoint is loaded with trust_remote_code, naming whose code runs."""
+    if trust_remote_code:
+        print(f"warning: trust_remote_code: runs code from {name_or_path}", file=sys.stderr)
 
 
 def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make it ready for training: pad token, chat template, right padding."""
+    warn_remote_code(model_args.model_name_or_path, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
     )
@@ -98,6 +168,8 @@ def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool = False) 
         "dtype": dtype,
         "attn_implementation": model_args.attn_implementation,
         "trust_remote_code": trust_remote_code,
+        # Refuse pickles at load time too: a Hub id is only checked by check_model_source when online.
+        "use_safetensors": None if getattr(model_args, "allow_pickle_weights", False) else True,
     }
     quantization_config = get_quantization_config(model_args)
     if quantization_config is not None:
@@ -138,7 +210,11 @@ def load_causal_lm(
     (eval, chat, generate) accepts quantized checkpoints too.
     """
     if (Path(model_args.model_name_or_path) / QUANTIZATION_FILE).exists():
-        return load_quantized(model_args.model_name_or_path, trust_remote_code)
+        return load_quantized(
+            model_args.model_name_or_path, trust_remote_code, getattr(model_args, "allow_pickle_weights", False)
+        )
+    _check_pickle_weights(model_args)
+    warn_remote_code(model_args.model_name_or_path, trust_remote_code)
     kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
     if from_scratch:
         config = kwargs.get("config") or AutoConfig.from_pretrained(
@@ -154,6 +230,8 @@ def load_sequence_classifier(
     model_args: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int = 1, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Load a checkpoint with a (new or existing) scalar score head, e.g. a reward or value model."""
+    _check_pickle_weights(model_args)
+    warn_remote_code(model_args.model_name_or_path, trust_remote_code)
     kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
     if "config" in kwargs:
         kwargs["config"].num_labels = num_labels
@@ -231,9 +309,12 @@ def check_quantization(method: str, backend: str, cuda: bool | None = None, dtyp
         )
 
 
-def load_quantized(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_quantized(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> PreTrainedModel:
     """Load a checkpoint written by `rlhf quantize` (any backend), or a plain checkpoint, for inference."""
     path = Path(path)
+    if not allow_pickle and path.is_dir():
+        refuse_pickle_weights(_local_files(path), str(path))
+    warn_remote_code(path, trust_remote_code)
     record_file = path / QUANTIZATION_FILE
     record = json.loads(record_file.read_text()) if record_file.exists() else {"backend": None}
     if record["backend"] == "quanto":
@@ -244,5 +325,7 @@ def load_quantized(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     else:
         if record["backend"] is not None:
             check_quantization(record["method"], record["backend"])
-        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
+        )
     return model.eval()

@@ -3,10 +3,14 @@
 rlhf publish outputs/tiny/sft --repo-id me/tiny-sft --dry-run   # writes README.md, lists files, no network
 rlhf publish outputs/tiny/sft --repo-id me/tiny-sft --private   # token from --token, HF_TOKEN or `hf auth login`
 
+Only the files a model repo needs are uploaded (ALLOW_PATTERNS: safetensors weights, configs,
+tokenizer files, the card and rlhf's records); everything else in the folder (checkpoints, pickles,
+optimizer state, a stray `.env` or key) stays local and is listed as skipped.
+
 A stage whose recipe sets `push_to_hub: true` (with `hub_model_id`, optionally `hub_private_repo`,
 `hub_token`) publishes its finished output directory the same way, once, from
 rlhf.artifacts.finish_stage. The Trainer's own pushing (repo creation at start-up, a push per
-checkpoint) is switched off by rlhf.config.parse_recipe, so nothing half-trained reaches the Hub.
+checkpoint) is switched off by rlhf.recipe.parse_recipe, so nothing half-trained reaches the Hub.
 """
 
 from __future__ import annotations
@@ -14,31 +18,65 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from fnmatch import fnmatchcase
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
-from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
+from huggingface_hub import (
+    CommitOperationAdd,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    constants,
+    get_token,
+)
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from rlhf.config import RecipeError
 from rlhf.plots import plot_training_curves
 
-# Training leftovers and pickles never leave the machine; everything else in the folder is uploaded.
-IGNORE_PATTERNS = [
-    "checkpoint-*/*",
-    "*.incomplete/*",
-    "training_args.bin",
-    "optimizer.pt",
-    "scheduler.pt",
-    "rng_state*.pth",
-    "*.pt",
-    "*.pth",
-    "*.pkl",
-    "*.tmp",
-]
+# The only files publish uploads. An output folder also holds checkpoints, pickles, optimizer state
+# and whatever else landed there (a `.env`, a key, a wandb folder): an allow-list uploads none of it.
+# A pattern matches at its own depth only: `*.safetensors` never matches checkpoint-20/model.safetensors.
+ALLOW_PATTERNS = (
+    # weights (sharded ones with their index) and LoRA adapters, safetensors only
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "adapter_config.json",
+    "config.json",
+    "generation_config.json",
+    "quanto_qmap.json",  # which layers `rlhf quantize --backend quanto` quantized: needed to reload
+    # tokenizer
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*.jinja",
+    # the card and the records it is built from
+    "README.md",
+    "metrics.json",
+    "eval.json",
+    "eval/eval.json",
+    "lineage.json",
+    "recipe.yaml",
+    "quantization.json",
+    "compress_report.json",
+    "*.png",
+    "plots/*.png",
+)
 SECRET_KEYS = ("hub_token",)
+REDACTED = "<redacted>"
 FRAMEWORKS = ("rlhf", "transformers", "trl", "peft", "accelerate", "datasets", "torch", "huggingface_hub", "tokenizers")
 
 
@@ -117,9 +155,9 @@ def find_eval(output_dir: str | Path) -> tuple[dict[str, float], str | None, Pat
 
 
 def training_plots(output_dir: str | Path) -> list[Path]:
-    """PNG plots in the directory (training curves drawn from trainer_state.json if there are none yet)."""
+    """PNG plots that publish uploads (training curves drawn from trainer_state.json if there are none yet)."""
     output_dir = Path(output_dir)
-    pngs = sorted(p for p in output_dir.rglob("*.png") if ".incomplete" not in str(p))
+    pngs = [output_dir / name for name in files_to_upload(output_dir) if name.endswith(".png")]
     if not pngs and (output_dir / "trainer_state.json").is_file():
         pngs = plot_training_curves(output_dir, output_dir / "plots")
     return pngs
@@ -135,8 +173,13 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _redacted(recipe: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("<redacted>" if k in SECRET_KEYS and v else v) for k, v in recipe.items()}
+def _redacted(data: Any) -> Any:
+    """`data` with the value of every secret key, at any depth, replaced by a marker."""
+    if isinstance(data, dict):
+        return {k: (REDACTED if k in SECRET_KEYS and v and v != "set" else _redacted(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redacted(v) for v in data]
+    return data
 
 
 def build_model_card(output_dir: str | Path, repo_id: str, license: str | None = None) -> Any:
@@ -207,12 +250,56 @@ def build_model_card(output_dir: str | Path, repo_id: str, license: str | None =
     return ModelCard(content)
 
 
+def is_publishable(name: str) -> bool:
+    """Whether a path relative to the output folder is on the allow-list."""
+    return any(name.count("/") == pattern.count("/") and fnmatchcase(name, pattern) for pattern in ALLOW_PATTERNS)
+
+
+def _all_files(output_dir: Path) -> list[str]:
+    return sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """False for a link that points out of the folder (an allowed name must not upload another file)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def files_to_upload(output_dir: str | Path) -> list[str]:
-    """Relative paths that upload_folder would send (everything but IGNORE_PATTERNS)."""
+    """Relative paths of the files publish uploads: those on ALLOW_PATTERNS."""
     output_dir = Path(output_dir)
-    paths = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
-    paths = [p for p in paths if not p.startswith((".git/", ".cache/"))]
-    return list(filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS))
+    return [n for n in _all_files(output_dir) if is_publishable(n) and _inside(output_dir / n, output_dir)]
+
+
+def skipped_files(output_dir: str | Path) -> list[str]:
+    """Relative paths of the files publish leaves local."""
+    uploaded = set(files_to_upload(output_dir))
+    return [name for name in _all_files(Path(output_dir)) if name not in uploaded]
+
+
+def describe_skipped(skipped: list[str]) -> str:
+    """`skipped N files …: a, dir/ (3 files), …`, each folder collapsed to its top-level name."""
+    counts: dict[str, int] = {}
+    for name in skipped:
+        top = name.split("/", 1)[0] + ("/" if "/" in name else "")
+        counts[top] = counts.get(top, 0) + 1
+    entries = [f"{top} ({n} files)" if top.endswith("/") and n > 1 else top for top, n in counts.items()]
+    return f"skipped {len(skipped)} files not on the publish allow-list: {', '.join(entries)}"
+
+
+def _upload_content(path: Path) -> str | bytes:
+    """What to upload for `path`: the file itself, or a copy with secrets redacted (older outputs held tokens)."""
+    if path.suffix not in (".json", ".yaml") or path.stat().st_size > 2**20:
+        return str(path)
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (ValueError, yaml.YAMLError):
+        return str(path)
+    redacted = _redacted(data)
+    if redacted == data:
+        return str(path)
+    if path.suffix == ".json":
+        return (json.dumps(redacted, indent=2) + "\n").encode()
+    return yaml.safe_dump(redacted, sort_keys=False).encode()
 
 
 def check_publishable(output_dir: str | Path, repo_id: str) -> None:
@@ -262,14 +349,10 @@ def publish(
     if dry_run:
         return files
     api = HfApi(endpoint=endpoint, token=token)
+    operations = [CommitOperationAdd(name, _upload_content(output_dir / name)) for name in files]
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=output_dir,
-            ignore_patterns=IGNORE_PATTERNS,
-            commit_message=commit_message or f"Upload {output_dir.name} with rlhf",
-        )
+        api.create_commit(repo_id, operations, commit_message=commit_message or f"Upload {output_dir.name} with rlhf")
     except Exception as error:  # network, auth and Hub errors all mean the same to the user: not published
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RecipeError(
@@ -280,8 +363,11 @@ def publish(
     return files
 
 
-def publish_if_requested(output_dir: str | Path, training_args: Any) -> bool:
-    """Publish a finished stage output when its recipe asked for push_to_hub; report a failure, never raise."""
+def publish_if_requested(output_dir: str | Path, training_args: Any, token: str | None = None) -> bool:
+    """Publish a finished stage output when its recipe asked for push_to_hub; report a failure, never raise.
+
+    `token` is the recipe's hub_token (rlhf.config.Recipe.hub_token); without one, HF_TOKEN or the saved login.
+    """
     requested = bool(getattr(training_args, "push_to_hub", False)) or bool(read_recipe(output_dir).get("push_to_hub"))
     if not requested:
         return False
@@ -291,12 +377,15 @@ def publish_if_requested(output_dir: str | Path, training_args: Any) -> bool:
             output_dir,
             repo_id,
             private=getattr(training_args, "hub_private_repo", None),
-            token=getattr(training_args, "hub_token", None),
+            token=token or getattr(training_args, "hub_token", None),
         )
     except RecipeError as error:
         print(f"push_to_hub: {error}", file=sys.stderr)
         return False
     print(f"push_to_hub: uploaded {len(files)} files from {output_dir} to {repo_id}")
+    skipped = skipped_files(output_dir)
+    if skipped:
+        print(f"push_to_hub: {describe_skipped(skipped)}")
     return True
 
 
@@ -329,6 +418,9 @@ def main(argv: list[str] | None = None) -> list[str]:
             print(f"  {name} ({(Path(args.output_dir) / name).stat().st_size:,} bytes)")
     else:
         print(f"uploaded {len(files)} files from {args.output_dir} to {args.repo_id}")
+    skipped = skipped_files(args.output_dir)
+    if skipped:
+        print(describe_skipped(skipped))
     return files
 
 

@@ -96,6 +96,11 @@ def parse_recipe(
     if not values.get("model_name_or_path"):
         raise RecipeError(f"model_name_or_path: missing in {path}; set a local checkpoint directory or a Hub id.")
     _device_defaults(values, types_by_class["training"])
+    # The token goes to the Recipe only: left in the training config, the Trainer would pickle it into
+    # every checkpoint's training_args.bin, and `resolved` is written to recipe.yaml.
+    hub_token = values.pop("hub_token", None)
+    if hub_token is not None and not isinstance(hub_token, str):
+        raise RecipeError(f"hub_token: got {hub_token!r}, expected text (quote it in YAML).")
     built = {
         name: parse_dataclass(cls, {k: v for k, v in values.items() if k in types_by_class[name]}, f"recipe {path}")
         for name, cls in classes.items()
@@ -104,7 +109,8 @@ def parse_recipe(
         # The Trainer would create the repo at start-up and push every checkpoint; rlhf publishes the
         # finished output once instead (artifacts.finish_stage → publish.publish_if_requested).
         built["training"].push_to_hub = False
-    recipe = Recipe(stage, built["model"], built["data"], built["training"], {"stage": stage, **values}, path)
+    resolved = {"stage": stage, **values}
+    recipe = Recipe(stage, built["model"], built["data"], built["training"], resolved, path, hub_token=hub_token)
     check_recipe(recipe, produced)
     return recipe
 
@@ -116,7 +122,7 @@ def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
         for config in (recipe.model, recipe.training):
             value = getattr(config, name, None)
             if isinstance(value, str) and value and str(Path(value)) not in pending:
-                check_model_source(value, name)
+                check_model_source(value, name, allow_pickle=recipe.model.allow_pickle_weights)
     check_data_sources(recipe.data)
     check_output_dir(recipe.training.output_dir)
     template = getattr(recipe.training, "chat_template_path", None)

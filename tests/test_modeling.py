@@ -1,12 +1,19 @@
-"""The tiny checkpoint loads back by path like a user's, ready for chat training."""
+"""The tiny checkpoint loads back by path like a user's, ready for chat training; untrusted ones are refused."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlhf.config import ModelArguments
-from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhf.config import ModelArguments, RecipeError
+from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer, pickle_weight_files
+from rlhf.stages import sft
+from tests.conftest import write_recipe
 
 
 def test_tiny_checkpoint_round_trip(tiny_checkpoint):
@@ -44,3 +51,66 @@ def test_score_head_model_from_causal_checkpoint(tiny_checkpoint):
     assert out.logits.shape == (1, 1)
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     torch.testing.assert_close(classifier.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def _pickled_copy(checkpoint: Path, folder: Path) -> Path:
+    """The checkpoint with its weights as a pickle (pytorch_model.bin), as older or untrusted uploads come."""
+    shutil.copytree(checkpoint, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_pickle_weights_are_refused_before_loading_unless_the_recipe_allows_them(tiny_checkpoint, tmp_path):
+    pickled = _pickled_copy(tiny_checkpoint, tmp_path / "pickled")
+    recipe = write_recipe(
+        tmp_path / "sft.yaml",
+        stage="sft",
+        model_name_or_path=str(pickled),
+        dataset_name="synthetic:sft",
+        output_dir=str(tmp_path / "out"),
+    )
+    with pytest.raises(RecipeError) as error:
+        sft.parse([str(recipe)])
+    message = str(error.value)
+    assert message.startswith(f"model_name_or_path: {pickled}/pytorch_model.bin holds pickled weights")
+    assert "Convert the checkpoint to safetensors" in message and "`allow_pickle_weights: true`" in message
+    assert len(message.splitlines()) == 1
+    # Commands load through the same functions, without a recipe in front of them.
+    model_args = ModelArguments(model_name_or_path=str(pickled))
+    with pytest.raises(RecipeError, match="pytorch_model.bin holds pickled weights"):
+        load_causal_lm(model_args)
+    with pytest.raises(RecipeError, match="pytorch_model.bin holds pickled weights"):
+        load_sequence_classifier(model_args, load_tokenizer(model_args))
+
+    allowed = sft.parse([str(recipe), "--allow_pickle_weights", "true"])
+    model = load_causal_lm(allowed.model)
+    expected = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    torch.testing.assert_close(model.model.embed_tokens.weight, expected.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize(
+    ("names", "pickles"),
+    [
+        (
+            ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"],
+            ["pytorch_model-00001-of-00002.bin"],
+        ),
+        (["config.json", "consolidated.00.pth", "model.pt"], ["consolidated.00.pth", "model.pt"]),
+        (["config.json", "model.safetensors", "pytorch_model.bin"], []),  # use_safetensors=True: never read
+        (["config.json", "model.safetensors", "training_args.bin", "optimizer.pt", "rng_state_0.pth"], []),
+    ],
+)
+def test_pickle_weight_files_are_weights_without_safetensors(names, pickles):
+    assert pickle_weight_files(names) == pickles
+
+
+def test_trust_remote_code_names_the_checkpoint_whose_code_runs(tiny_checkpoint, capsys):
+    model_args = ModelArguments(model_name_or_path=str(tiny_checkpoint))
+    load_tokenizer(model_args)
+    load_causal_lm(model_args)
+    assert "trust_remote_code" not in capsys.readouterr().err
+    load_tokenizer(model_args, trust_remote_code=True)
+    load_causal_lm(model_args, trust_remote_code=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "trust_remote_code" in line]
+    assert warnings == [f"warning: trust_remote_code: runs code from {tiny_checkpoint}"] * 2

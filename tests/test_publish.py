@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -91,16 +92,39 @@ def test_stage_push_to_hub_uploads_the_finished_output_once(pushed_stage):
     assert not any(b"secret-token" in data for data in uploaded.values())
 
 
-def test_publish_uploads_every_file_with_a_parsable_card(pushed_stage, tmp_path, monkeypatch):
+# What lands in output folders besides the model: keys, credentials, pickles, training state, other runs.
+UNTRUSTED_FILES = (
+    ".env",
+    "id_rsa",
+    "id_ed25519",
+    ".netrc",
+    ".ssh/config",
+    ".huggingface_token",
+    "wandb/settings",
+    "secrets.yaml",
+    "pytorch_model.bin",
+    "optimizer.bin",
+    "optimizer.pt",
+    "training_args.bin",
+    "checkpoint-4/rng_state.pth",
+    "runs/checkpoint-20/model.safetensors",
+    "runs/checkpoint-20/config.json",
+)
+
+
+def test_publish_uploads_only_model_files_and_lists_what_it_skipped(pushed_stage, tmp_path, monkeypatch, capsys):
     from huggingface_hub import ModelCard
 
     stage, _ = pushed_stage
     out = tmp_path / "stage"
     shutil.copytree(stage, out)
     (out / "eval.json").write_text(json.dumps({"rule_reward": 0.75, "win_rate": 0.6, "note": "text is skipped"}))
-    (out / "optimizer.pt").write_bytes(b"pickle")  # leftovers stay local
-    (out / "checkpoint-4").mkdir()
-    (out / "checkpoint-4" / "rng_state.pth").write_bytes(b"pickle")
+    for name in UNTRUSTED_FILES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"hf_UNTRUSTED")
+    # An older pipeline wrote the recipe's token into lineage.json: uploaded redacted, left as it is here.
+    old_lineage = {"stage": "sft", "what": {"recipe": {"hub_token": "hf_OLDTOKEN", "max_steps": 4}}}
+    (out / "lineage.json").write_text(json.dumps(old_lineage))
 
     _online(monkeypatch)
     with FakeHub() as hub:
@@ -108,8 +132,20 @@ def test_publish_uploads_every_file_with_a_parsable_card(pushed_stage, tmp_path,
     assert hub.repos["me/tiny"]["visibility"] == "private"
     local = _digests(out)
     uploaded = hub.files["me/tiny"]
-    assert set(uploaded) == set(files) == set(local) - {"optimizer.pt", "checkpoint-4/rng_state.pth"}
-    assert all(hashlib.sha256(data).hexdigest() == local[name] for name, data in uploaded.items())
+    plots = {name for name in local if name.startswith("plots/") and name.endswith(".png")}
+    model_files = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"}
+    records = {"README.md", "recipe.yaml", "metrics.json", "eval.json", "lineage.json", "chat_template.jinja"}
+    assert plots and set(uploaded) == set(files) == model_files | records | plots
+    assert not any(b"hf_UNTRUSTED" in data or b"hf_OLDTOKEN" in data for data in uploaded.values())
+    assert json.loads(uploaded["lineage.json"])["what"]["recipe"] == {"hub_token": "<redacted>", "max_steps": 4}
+    assert json.loads((out / "lineage.json").read_text()) == old_lineage
+    assert all(
+        hashlib.sha256(data).hexdigest() == local[name] for name, data in uploaded.items() if name != "lineage.json"
+    )
+    skipped = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(rf"skipped {len(local) - len(uploaded)} files not on the publish allow-list: ", skipped)
+    for shown in (".env", "id_rsa", ".ssh/", "wandb/", "pytorch_model.bin", "runs/ (2 files)", "trainer_state.json"):
+        assert shown in skipped
 
     card = ModelCard.load(out / "README.md")
     assert {"rlhf", "trl", "sft", "peft"} <= set(card.data.tags)

@@ -37,7 +37,7 @@ from rlhf.compress import REPORT_FILE, linear_weights, quality_report, weights_s
 from rlhf.compress import sparsity as sparsity_of
 from rlhf.config import RecipeError
 from rlhf.data import prepare_datasets
-from rlhf.modeling import check_model_source, load_tokenizer
+from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
 from rlhf.recipe import parse_recipe
 
 METHODS = ("magnitude", "structured")
@@ -201,7 +201,7 @@ def prune(
         parse_recipe([*recovery, "--model_name_or_path", checkpoint], SFTConfig, stage="sft")
 
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=checkpoint), trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(ModelConfig(model_name_or_path=checkpoint), trust_remote_code)
     report: dict[str, Any] = {
         "command": "prune",
         "method": method,

@@ -31,6 +31,7 @@ from rlhf.modeling import (
     QUANTIZATION_FILE,
     check_model_source,
     check_quantization,
+    load_causal_lm,
     load_quantized,
     load_tokenizer,
 )
@@ -114,7 +115,7 @@ def quantize(
     report: dict[str, Any] = {"command": "quantize", "method": method, "backend": backend}
     report["size_bytes_before"] = weights_size_bytes(checkpoint)
     if not no_eval:
-        original = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        original = load_causal_lm(ModelConfig(model_name_or_path=checkpoint), trust_remote_code)
         report["before"] = quality_report(original, tokenizer)
         del original
 

@@ -14,17 +14,21 @@ from transformers import AutoTokenizer
 
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
-from rlhf.pipeline.spec import Pipeline, PlannedStage, check_command_call
+from rlhf.pipeline.spec import Pipeline, PlannedStage, check_command_call, without_secrets
 
 # Stages whose training rows are rendered with their loss mask before the first training stage runs.
 RENDERED_STAGES = ("sft", "reward", "dpo", "distill")
 
 
 def write_stage_recipe(pipeline: Pipeline, planned: PlannedStage) -> Path:
-    """Write the resolved recipe a training stage runs with to `<output_dir>/.pipeline/recipes/`."""
+    """Write the resolved recipe a training stage runs with to `<output_dir>/.pipeline/recipes/`.
+
+    A `hub_token` is left out: the stage gets it through HF_TOKEN (rlhf.pipeline.run.run_training_stage).
+    """
     path = pipeline.state_dir / "recipes" / f"{planned.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"stage": planned.stage.name, **planned.recipe_values}, sort_keys=False))
+    values = {"stage": planned.stage.name, **without_secrets(planned.recipe_values)}
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
 
 

@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from rlhf.artifacts import incomplete_dir, output_lock, write_json
+from rlhf.artifacts import OUTPUT_MARKER, incomplete_dir, output_lock, write_json
 from rlhf.config import RecipeError
 from rlhf.pipeline.preflight import preflight, show_examples, write_stage_recipe
 from rlhf.pipeline.report import write_report
@@ -62,6 +63,22 @@ def _read_lineage(path: Path) -> dict[str, Any]:
     return json.loads(lineage_path.read_text()) if lineage_path.exists() else {"stage": path.name}
 
 
+@contextmanager
+def _hf_token(token: str | None) -> Iterator[None]:
+    """HF_TOKEN set to `token` for the block (unchanged when None); huggingface_hub reads it when pushing."""
+    previous = os.environ.get("HF_TOKEN")
+    if token:
+        os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if token:
+            if previous is None:
+                os.environ.pop("HF_TOKEN", None)
+            else:
+                os.environ["HF_TOKEN"] = previous
+
+
 def run_training_stage(pipeline: Pipeline, planned: PlannedStage, digest: str) -> None:
     """Run a stage in this process (or under `accelerate launch`); it resumes from its `.incomplete` checkpoints."""
     tmp = incomplete_dir(pipeline.stage_dir(planned.name))
@@ -69,13 +86,16 @@ def run_training_stage(pipeline: Pipeline, planned: PlannedStage, digest: str) -
     if tmp.exists() and (not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != digest):
         shutil.rmtree(tmp)  # a leftover from another configuration must not be resumed
     tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / OUTPUT_MARKER).touch()
     write_json(marker, {"fingerprint": digest})
     path = write_stage_recipe(pipeline, planned)
-    if pipeline.accelerate_config:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", pipeline.accelerate_config]
-        subprocess.run([*launcher, "-m", f"rlhf.stages.{planned.stage.name}", str(path)], check=True)
-    else:
-        planned.stage.module.main([str(path)])
+    # The recipe file holds no hub_token (files are not for secrets); the stage's push reads it from HF_TOKEN.
+    with _hf_token(planned.recipe_values.get("hub_token")):
+        if pipeline.accelerate_config:
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", pipeline.accelerate_config]
+            subprocess.run([*launcher, "-m", f"rlhf.stages.{planned.stage.name}", str(path)], check=True)
+        else:
+            planned.stage.module.main([str(path)])
     (pipeline.stage_dir(planned.name) / FINGERPRINT_FILE).unlink(missing_ok=True)
 
 

@@ -20,6 +20,8 @@ from rlhf.registry import COMMANDS, PIPELINE_COMMANDS, Command, Stage, stage_nam
 PIPELINE_KEYS = {"name", "output_dir", "accelerate_config", "stages", "report"}
 STAGE_KEYS = {"name", "recipe", "command", "input", "inputs", "args", "enabled"}
 STATE_DIR = ".pipeline"
+# Recipe keys and command arguments that hold a Hub token: never written to a pipeline file.
+SECRET_KEYS = ("hub_token", "token")
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -196,14 +198,29 @@ def data_fingerprint(values: dict[str, Any]) -> dict[str, str]:
     return result
 
 
+def without_secrets(values: dict[str, Any], marker: str | None = None) -> dict[str, Any]:
+    """`values` without Hub tokens, or with each token that is set replaced by `marker`."""
+    kept = {k: v for k, v in values.items() if k not in SECRET_KEYS}
+    if marker is not None:
+        kept.update({k: marker for k in SECRET_KEYS if values.get(k)})
+    return kept
+
+
 def fingerprint(planned: PlannedStage, upstream: dict[str, str]) -> tuple[str, dict[str, Any]]:
-    """(fingerprint, what went into it) of a stage: its resolved settings, data, and upstream fingerprints."""
+    """(fingerprint, what went into it) of a stage: its resolved settings, data, and upstream fingerprints.
+
+    `what` is written to lineage.json, so a token enters it only as "set" (which token it is does not
+    change what the stage computes).
+    """
     spec = planned.spec
     if planned.stage:
-        what: dict[str, Any] = {"recipe": {"stage": planned.stage.name, **planned.recipe_values}}
+        what: dict[str, Any] = {
+            "recipe": {"stage": planned.stage.name, **without_secrets(planned.recipe_values, "set")}
+        }
         what["data"] = data_fingerprint(planned.recipe_values)
     else:
-        what = {"command": spec.command, "args": planned.call_args, "kwargs": planned.call_kwargs}
+        kwargs = without_secrets(planned.call_kwargs, "set")
+        what = {"command": spec.command, "args": planned.call_args, "kwargs": kwargs}
         recipe_arg = spec.args.get("recipe")
         if recipe_arg and os.path.isfile(str(recipe_arg)):
             what["recipe_file"] = _hash_path(str(recipe_arg))[:16]

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
-from trl import DistillationConfig, DistillationTrainer, ModelConfig, SFTTrainer
+from trl import DistillationConfig, DistillationTrainer, SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import Recipe, RecipeError
+from rlhf.config import ModelArguments, Recipe, RecipeError
 from rlhf.data import prepare_datasets
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
 from rlhf.recipe import parse_recipe
@@ -187,7 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, target, training_args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
-    teacher_args = ModelConfig(model_name_or_path=training_args.teacher_model_name_or_path, dtype=model_args.dtype)
+    teacher_args = ModelArguments(
+        model_name_or_path=training_args.teacher_model_name_or_path,
+        dtype=model_args.dtype,
+        allow_pickle_weights=model_args.allow_pickle_weights,
+    )
     teacher = load_causal_lm(teacher_args, recipe.trust_remote_code).eval()
     set_seed(training_args.seed)  # a resized student is initialised at random: the same in every run
     student = build_student(recipe)
