@@ -181,16 +181,22 @@ class PPOTrainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, scheduler)
 
     def _set_up_callbacks(self, callbacks: list[TrainerCallback] | None) -> None:
-        """transformers' default, reporting and progress callbacks, plus the given ones, and a fresh TrainerState."""
+        """transformers' default, reporting and progress callbacks, plus the given ones; a fresh TrainerState."""
         args = self.args
         callbacks = DEFAULT_CALLBACKS + get_reporting_integration_callbacks(args.report_to) + list(callbacks or [])
         self.callback_handler = CallbackHandler(
             callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
         self.callback_handler.add_callback(PrinterCallback if args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK)
-        self.state = TrainerState(
+        save_steps = int(args.save_steps) if args.save_steps >= 1 else max(1, int(args.save_steps * self.num_updates))
+        self.state = TrainerState(  # what Trainer knows of a run before its first step
             is_local_process_zero=self.accelerator.is_local_main_process,
             is_world_process_zero=self.accelerator.is_main_process,
+            max_steps=self.num_updates,
+            num_train_epochs=math.ceil(self.num_updates / self.batches_per_epoch),
+            logging_steps=int(args.logging_steps) if args.logging_steps >= 1 else 1,
+            save_steps=save_steps,
+            train_batch_size=self.batch_size,
         )
         self.control = TrainerControl()
 
@@ -284,21 +290,9 @@ class PPOTrainer:
         self.state.log_history.append(logs)
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
-    def _start_state(self) -> None:
-        """What TrainerState knows of the run before the first update (as Trainer fills it)."""
-        args = self.args
-        self.state.max_steps = self.num_updates
-        self.state.num_train_epochs = math.ceil(self.num_updates / self.batches_per_epoch)
-        self.state.logging_steps = int(args.logging_steps) if args.logging_steps >= 1 else 1
-        self.state.save_steps = (
-            int(args.save_steps) if args.save_steps >= 1 else max(1, int(args.save_steps * self.num_updates))
-        )
-        self.state.train_batch_size = self.batch_size
-
     def train(self, resume_from_checkpoint: str | None = None) -> dict[str, float]:
         """Run PPO updates until `num_updates` (or a health stop); resume from a checkpoint folder if given."""
         args = self.args
-        self._start_state()
         if resume_from_checkpoint:
             load_checkpoint(self.accelerator, self.state, resume_from_checkpoint)
         else:
