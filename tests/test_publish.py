@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from rlhf.config import RecipeError
-from rlhf.publish import build_model_card, files_to_upload, lineage, main, publish_if_requested
+from rlhf.model_card import build_model_card, lineage
+from rlhf.publish import files_to_upload, main, publish_if_requested
 from tests.conftest import FAST_TRAINING, write_recipe
 from tests.hub_server import FakeHub
 
