@@ -28,13 +28,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.artifacts import read_metrics  # noqa: E402
-from rlhf.data.synthetic import classify_prompt, make_synthetic_dataset  # noqa: E402
+from rlhf.data.synthetic import classify_prompt, make_synthetic_dataset, rule_reward  # noqa: E402
 from rlhf.evaluation.generation import (  # noqa: E402
     generate_tokens,
     kl_to_reference,
     prompt_text,
     reward_model_scores,
-    rule_scores,
 )
 
 SFT = "outputs/tiny/sft"
@@ -60,7 +59,7 @@ def evaluate(policy_dir: str, reference, reward_model, tokenizer, prompts: list)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     pairs = generate_tokens(policy, tokenizer, prompts, max_new_tokens=32)
     responses = [tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
-    scores = rule_scores(prompts, responses)
+    scores = rule_reward(prompts, responses)
     kinds: dict[str, list[float]] = {}
     for prompt, score in zip(prompts, scores):
         kinds.setdefault(classify_prompt(prompt_text(prompt)), []).append(score)

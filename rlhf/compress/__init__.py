@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.data.synthetic import make_synthetic_dataset
-from rlhf.evaluation.generation import generate_responses, rule_scores
+from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
+from rlhf.evaluation.generation import generate_responses
 from rlhf.evaluation.perplexity import perplexity
 
 REPORT_FILE = "compress_report.json"
@@ -71,11 +71,11 @@ def held_out_prompts(num_rows: int = 1000, seed: int = 0) -> list[list[dict[str,
     return [unique[key] for key in sorted(unique)]
 
 
-def rule_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 32) -> float:
+def held_out_rule_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 32) -> float:
     """Mean rule score of greedy answers to the held-out prompts (the embedded task's quality metric)."""
     prompts = held_out_prompts()
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    scores = rule_scores(prompts, responses)
+    scores = rule_reward(prompts, responses)
     return sum(scores) / len(scores)
 
 
@@ -109,7 +109,7 @@ def latency_ms_per_token(
 def quality_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, latency: bool = True) -> dict[str, Any]:
     """Rule score, perplexity, parameter count, sparsity and (optionally) latency of a loaded model."""
     report: dict[str, Any] = {
-        "rule_score": rule_score(model, tokenizer),
+        "rule_score": held_out_rule_score(model, tokenizer),
         "perplexity": pretrain_perplexity(model, tokenizer),
         "parameters": parameter_count(model),
         **sparsity(model),

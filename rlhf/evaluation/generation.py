@@ -12,7 +12,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from rlhf import rewards
-from rlhf.data.synthetic import rule_score
 from rlhf.rewards import completions_for, kl_to_reference, sequence_logprobs
 
 __all__ = [
@@ -23,7 +22,6 @@ __all__ = [
     "kl_to_reference",
     "prompt_text",
     "reward_model_scores",
-    "rule_scores",
     "sequence_logprobs",
     "win_rate",
 ]
@@ -106,11 +104,6 @@ def generate_responses(
     """Generate one response per prompt (chat template applied to conversational prompts)."""
     pairs = generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, seed, top_p)
     return [tokenizer.decode(response, skip_special_tokens=True).strip() for _, response in pairs]
-
-
-def rule_scores(prompts: list[Any], responses: list[str]) -> list[float]:
-    """The embedded task's rule score (1 = preferred answer) of each response."""
-    return [rule_score(prompt_text(p), r) for p, r in zip(prompts, responses)]
 
 
 def reward_model_scores(
