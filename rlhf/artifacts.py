@@ -4,7 +4,7 @@ A directory named exactly `output_dir` is therefore always a finished stage; a k
 only the `.incomplete` folder, whose Trainer checkpoints the next run resumes from. Every folder
 rlhf writes carries a marker file, and rlhf replaces or deletes only folders that carry it (or an
 older version's output files), so a mistyped `output_dir` never removes a user's own files. One
-run at a time writes an output: `<output_dir>.lock` (a `filelock` lock, freed by the OS when the
+run at a time writes an output: `.<output_dir>.lock` beside it (a `filelock` lock, freed by the OS when the
 holder dies) makes a second run fail at once, naming the holder.
 """
 
@@ -21,8 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from filelock import FileLock, Timeout
+from safetensors import safe_open
 
 from rlhf.config import RecipeError
 from rlhf.publish import publish_if_requested
@@ -58,6 +60,11 @@ def check_output_dir(output_dir: str | Path, field: str = "output_dir", inputs: 
             )
 
 
+def _lock_path(output_dir: Path) -> Path:
+    # Hidden, beside the output: the lock file outlives its holder (filelock never deletes it safely).
+    return output_dir.with_name(f".{output_dir.name}.lock")
+
+
 @contextmanager
 def output_lock(output_dir: str | Path) -> Iterator[None]:
     """Hold `<output_dir>.lock` for the block; a second holder fails at once, naming the first."""
@@ -74,8 +81,8 @@ def acquire_output_lock(output_dir: str | Path) -> None:
     if str(path) in _held_locks:
         return  # this process holds it already (a stage rerun in the same process after an error)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path.with_name(path.name + ".lock"), timeout=0)
-    holder_file = path.with_name(path.name + ".lock.json")
+    lock = FileLock(_lock_path(path), timeout=0)
+    holder_file = _lock_path(path).with_suffix(".json")
     try:
         lock.acquire()
     except Timeout:
@@ -95,7 +102,7 @@ def release_output_lock(output_dir: str | Path) -> None:
     """Release a lock taken by acquire_output_lock in this process (no-op if none)."""
     lock = _held_locks.pop(str(Path(output_dir)), None)
     if lock is not None:
-        Path(output_dir).with_name(Path(output_dir).name + ".lock.json").unlink(missing_ok=True)
+        _lock_path(Path(output_dir)).with_suffix(".json").unlink(missing_ok=True)
         lock.release()
 
 
@@ -178,11 +185,22 @@ def write_json(path: str | Path, data: Any) -> None:
         handle.write("\n")
 
 
+def nonfinite_weight(folder: str | Path) -> str | None:
+    """The first weight in a folder's safetensors files that holds NaN or ±inf, as 'file: name' (None if none)."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                if not torch.isfinite(weights.get_tensor(name)).all():
+                    return f"{path.name}: {name}"
+    return None
+
+
 def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path) -> Path:
     """Save model, tokenizer, trainer state, metrics.json and the resolved recipe; then publish.
 
     Called on every process: saving gathers FSDP/ZeRO-3 shards collectively, then only the main
     process writes files and renames; the others wait, so on return `final` exists on every rank.
+    A model with NaN/inf weights is refused: the `.incomplete` folder and its checkpoints stay.
     """
     tmp = Path(trainer.args.output_dir)
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -191,6 +209,13 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
     trainer.save_model(str(tmp))
     metrics = {**metrics, "world_size": trainer.accelerator.num_processes}
     if trainer.accelerator.is_main_process:
+        # The last guard against a diverged run that no earlier check caught: never publish broken weights.
+        broken = nonfinite_weight(tmp)
+        if broken is not None:
+            raise RecipeError(
+                f"the trained model has NaN/inf weights ({broken}), so it is not published as {final}; training "
+                f"diverged. {tmp} keeps its checkpoints; lower learning_rate and remove that folder to start over."
+            )
         trainer.save_state()
         for checkpoint in tmp.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
