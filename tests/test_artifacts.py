@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from rlhf.artifacts import atomic_output_dir, incomplete_dir, read_metrics
 from tests.conftest import FAST_TRAINING, write_recipe
@@ -60,6 +63,14 @@ def test_killed_sft_leaves_no_output_and_rerun_resumes(tiny_checkpoint, tmp_path
     metrics = read_metrics(out)
     assert metrics["resumed_from"] and Path(metrics["resumed_from"]).name.startswith("checkpoint-")
     assert not checkpoint_dir.exists()
+    # train_loss covers the whole run, not only the steps after the resume.
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    assert logged[0][0] <= int(Path(metrics["resumed_from"]).name.split("-")[1])  # logged before the kill
+    steps = [0] + [step for step, _ in logged]
+    expected = sum(loss * (step - steps[i]) for i, (step, loss) in enumerate(logged)) / steps[-1]
+    assert metrics["train"]["train_loss"] == pytest.approx(expected)
+    assert metrics["train_this_run"]["train_loss"] != pytest.approx(expected)
 
 
 def test_a_checkpoint_killed_mid_write_is_never_resumed_from(tmp_path):
