@@ -195,6 +195,22 @@ def nonfinite_weight(folder: str | Path) -> str | None:
     return None
 
 
+def with_whole_run_figures(metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """After a resume, report the whole run: the Trainer's own train_loss averages only this run's steps.
+
+    The logged losses (each the mean over its logging interval, kept in the resumed trainer state)
+    are weighted by their interval; this run's figures stay under `train_this_run`.
+    """
+    logged = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    train = dict(metrics.get("train") or {})
+    if not logged or "train_loss" not in train:
+        return metrics
+    steps = [step for step, _ in logged]
+    intervals = [step - previous for previous, step in zip([0, *steps[:-1]], steps)]
+    whole = sum(loss * n for (_, loss), n in zip(logged, intervals)) / max(1, sum(intervals))
+    return {**metrics, "train": {**train, "train_loss": whole}, "train_this_run": train}
+
+
 def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path) -> Path:
     """Save model, tokenizer, trainer state, metrics.json and the resolved recipe; then publish.
 
@@ -221,6 +237,8 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
             shutil.rmtree(checkpoint)
         # Pickled arguments are unsafe to load; the resolved recipe below records the same settings.
         (tmp / "training_args.bin").unlink(missing_ok=True)
+        if metrics.get("resumed_from"):
+            metrics = with_whole_run_figures(metrics, trainer.state.log_history)
         write_json(tmp / METRICS_FILE, {"stage": recipe.stage, **metrics})
         with open(tmp / RECIPE_FILE, "w") as handle:
             # A token must never land in a file that gets uploaded.
