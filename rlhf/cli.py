@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import sys
 
-from rlhf.config import RecipeError
 from rlhf.entrypoint import run
-from rlhf.registry import COMMANDS, stage_of
+from rlhf.registry import COMMANDS, STAGES, stage_of
 
 
 def train(argv: list[str] | None = None) -> None:
     """Run the stage named by the recipe's `stage:` key."""
     argv = list(sys.argv[2:] if argv is None else argv)
-    if not argv:
-        raise RecipeError("usage: rlhf train RECIPE.yaml [--key value ...]")
+    usage = "usage: rlhf train RECIPE.yaml [--key value ...]   (RECIPE.yaml --help lists its stage's keys)"
+    if not argv or argv[0] in ("-h", "--help"):
+        stages = "\n".join(f"  {name:<9} data: {stage.data_format}" for name, stage in STAGES.items())
+        print(f"{usage}\n\nstages (a recipe names one in its `stage:` key):\n{stages}")
+        if not argv:
+            raise SystemExit(2)
+        return
     stage_of(argv[0]).module.main(argv)
 
 

@@ -169,8 +169,33 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """`--key value` / `--key=value` / `--flag` command-line overrides, values read as YAML scalars."""
+def _takes_text(tp: Any) -> bool:
+    """Whether a field of this type holds text (str, an enum of names, a Literal of strings)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_takes_text(option) for option in typing.get_args(tp) if option is not type(None))
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(value, str) for value in typing.get_args(tp))
+    return tp is str or (isinstance(tp, type) and issubclass(tp, enum.Enum))
+
+
+def _command_line_value(key: str, raw: str, tp: Any) -> Any:
+    """A `--key value` read by the field's type: text stays text (`no` is not YAML's false), the rest is YAML."""
+    quoted = len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\""
+    if tp is not None and _takes_text(tp) and not quoted and raw not in ("null", "~"):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:  # e.g. a `!!python/object` tag: the safe loader builds no objects
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(
+            f"--{key}: {raw!r} is not a plain YAML value ({problem}); give text, a number, true/false, a list "
+            "or a mapping, and quote text that looks like YAML."
+        ) from None
+
+
+def parse_overrides(argv: list[str], field_types_by_name: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`--key value` / `--key=value` / `--flag` command-line overrides, each read by its field's type."""
+    field_types_by_name = field_types_by_name or {}
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -185,14 +210,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             i += 1
         else:
             raw = "true"
-        try:
-            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as error:  # e.g. a `!!python/object` tag: the safe loader builds no objects
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise RecipeError(
-                f"--{key}: {raw!r} is not a plain YAML value ({problem}); give text, a number, true/false, a list "
-                "or a mapping, and quote text that looks like YAML."
-            ) from None
+        overrides[key] = _command_line_value(key, raw, field_types_by_name.get(key))
         i += 1
     return overrides
 

@@ -6,6 +6,7 @@ the recipe names, so a typo in a path fails here, in one line, before any model 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
@@ -74,18 +75,22 @@ def parse_recipe(
     earlier outputs); they are not reported missing.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    classes = {"model": ModelArguments, "data": data_class, "training": training_class}
+    if "-h" in argv or "--help" in argv:
+        print(recipe_keys_help(stage, list(classes.values())))
+        raise SystemExit(0)
     if not argv or argv[0].startswith("--"):
         raise RecipeError(f"usage: rlhf train RECIPE.yaml [--key value ...] (a recipe with `stage: {stage}`).")
-    path, overrides = argv[0], parse_overrides(argv[1:])
+    types_by_class = {name: field_types(cls) for name, cls in classes.items()}
+    all_types = {k: v for types in types_by_class.values() for k, v in types.items()}
+    path, overrides = argv[0], parse_overrides(argv[1:], all_types)
     values = {**read_recipe_file(path), **overrides}
     named_stage = values.pop("stage", stage)
     if named_stage != stage:
         raise RecipeError(
             f"stage: recipe {path} is for stage {named_stage!r}, not {stage!r}; run it with `rlhf train {path}`."
         )
-    classes = {"model": ModelArguments, "data": data_class, "training": training_class}
-    types_by_class = {name: field_types(cls) for name, cls in classes.items()}
-    known = set().union(*types_by_class.values())
+    known = set(all_types)
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
@@ -113,6 +118,26 @@ def parse_recipe(
     recipe = Recipe(stage, built["model"], built["data"], built["training"], resolved, path, hub_token=hub_token)
     check_recipe(recipe, produced)
     return recipe
+
+
+def recipe_keys_help(stage: str, classes: list[type]) -> str:
+    """Every key a `stage` recipe takes: name, type, default, and the dataclass it comes from."""
+    lines = [f"usage: rlhf train RECIPE.yaml [--key value ...]   (stage: {stage})", "", "recipe keys:"]
+    for cls in classes:
+        lines.append(f"  from {cls.__module__}.{cls.__qualname__}:")
+        for item in dataclasses.fields(cls):
+            if not item.init:
+                continue
+            if item.default is not dataclasses.MISSING:
+                default = repr(item.default)
+            elif item.default_factory is not dataclasses.MISSING:
+                default = repr(item.default_factory())
+            else:
+                default = "required"
+            tp = field_types(cls)[item.name]
+            type_name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            lines.append(f"    {item.name}: {type_name} = {default[:60]}")
+    return "\n".join(lines)
 
 
 def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:

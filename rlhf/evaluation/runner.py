@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
-from rlhf.config import RecipeError, parse_dataclass, parse_overrides, read_recipe_file
+from rlhf.config import RecipeError, field_types, parse_dataclass, parse_overrides, read_recipe_file
 from rlhf.data.load import check_source
 from rlhf.evaluation.context import EvalConfig, Judge, Models, SectionContext
 from rlhf.evaluation.report import write_report
@@ -154,7 +154,11 @@ def parse_eval_args(argv: list[str] | None) -> tuple[list[str], dict[str, Any]]:
     parser.add_argument("--recipe", help="eval recipe YAML (default: every section with built-in defaults)")
     parser.add_argument("--output", help="output directory (default: the recipe's output_dir, else CHECKPOINT/eval)")
     args, rest = parser.parse_known_args(argv)
-    return args.checkpoints, {"output": args.output, "recipe": args.recipe, **parse_overrides(rest)}
+    return args.checkpoints, {
+        "output": args.output,
+        "recipe": args.recipe,
+        **parse_overrides(rest, field_types(EvalConfig)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ its last checkpoint. Modules: spec (the file, wiring, fingerprints) → prefligh
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rlhf.pipeline.run import run_pipeline
 from rlhf.pipeline.spec import Pipeline, StageSpec, load_pipeline
@@ -35,5 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--only", metavar="STAGE", help="run just this stage (its inputs must be finished)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="rerun this stage and every later one")
     parser.add_argument("--force", action="store_true", help="ignore the cache and rerun every selected stage")
+    parser.add_argument("--output-dir", help="write the stages here instead of the pipeline file's output_dir")
     args = parser.parse_args(argv)
-    run_pipeline(load_pipeline(args.pipeline), only=args.only, start=args.start, force=args.force)
+    pipeline = load_pipeline(args.pipeline)
+    if args.output_dir:
+        pipeline.output_dir = Path(args.output_dir)
+    run_pipeline(pipeline, only=args.only, start=args.start, force=args.force)
