@@ -140,6 +140,22 @@ def recipe_keys_help(stage: str, classes: list[type]) -> str:
     return "\n".join(lines)
 
 
+def check_trainable(training: Any) -> None:
+    """Refuse settings under which nothing trains (zero or negative steps, epochs, batch) before loading."""
+    max_steps = getattr(training, "max_steps", -1)
+    epochs = getattr(training, "num_train_epochs", 1)
+    if max_steps == 0 or (max_steps < 0 and epochs <= 0):
+        raise RecipeError(
+            f"num_train_epochs/max_steps: got num_train_epochs={epochs}, max_steps={max_steps}, so nothing would "
+            "train; set num_train_epochs above 0 (or max_steps to a positive number of steps)."
+        )
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(training, name, 1) < 1:
+            raise RecipeError(f"{name}: got {getattr(training, name)}, expected at least 1.")
+    if getattr(training, "learning_rate", 0.0) < 0:
+        raise RecipeError(f"learning_rate: got {training.learning_rate}, expected 0 or more (e.g. 1e-4).")
+
+
 def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
     """Every model, dataset and template path a recipe names exists (or is a reachable Hub id)."""
     pending = {str(Path(p)) for p in produced}
@@ -150,6 +166,7 @@ def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
                 check_model_source(value, name, allow_pickle=recipe.model.allow_pickle_weights)
     check_data_sources(recipe.data)
     check_output_dir(recipe.training.output_dir)
+    check_trainable(recipe.training)
     template = getattr(recipe.training, "chat_template_path", None)
     if template and not Path(template).exists() and template.startswith((".", "/")):
         raise RecipeError(f"chat_template_path: {template!r} does not exist; fix the path or remove the key.")

@@ -133,3 +133,19 @@ def test_help_lists_the_stages_and_a_stage_s_keys(capsys):
     out = capsys.readouterr().out
     assert "from trl.trainer.sft_config.SFTConfig:" in out and "    assistant_only_loss: bool = False" in out
     assert "from rlhf.config.DataArguments:" in out and "    dataset_name: str | None = None" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--num_train_epochs", "0"], "nothing would train"),
+        (["--num_train_epochs", "-1"], "nothing would train"),
+        (["--max_steps", "0"], "nothing would train"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size: got 0"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: got 0"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_before_loading(tmp_path, tiny_checkpoint, override, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe([str(_recipe(tmp_path, tiny_checkpoint)), *override], SFTConfig, stage="sft")
+    assert not (tmp_path / "out.incomplete").exists()
