@@ -32,6 +32,8 @@ class DataArguments(ScriptArguments):
     or `synthetic:<kind>` (pretrain, sft, preference, prompts) for the embedded default task.
     `dataset_mixture` lists several such sources, each a mapping with TRL's DatasetConfig keys
     (path, name, data_dir, data_files, split, columns, fraction) plus `rename_columns`.
+    `skip_bad_rows` skips (and counts) rows that cannot be read or do not fit the stage's format,
+    instead of stopping at the first with an error naming its file and line.
     """
 
     dataset_name: str | None = None
@@ -52,6 +54,7 @@ class DataArguments(ScriptArguments):
     augment_num_copies: int = 1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    skip_bad_rows: bool = False
 
 
 @dataclass

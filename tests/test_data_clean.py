@@ -29,8 +29,29 @@ def test_each_rule_counts_its_drops():
         "dropped_too_short": 1,
         "dropped_too_long": 1,
         "dropped_duplicates": 1,
+        "dropped_identical_pairs": 0,
+        "dropped_empty_side_pairs": 0,
         "rows_out": 2,
     }
+
+
+def test_invalid_preference_pairs_are_counted_apart_from_duplicates():
+    rows = [
+        {"prompt": "q1", "chosen": "yes", "rejected": "no"},
+        {"prompt": "q1", "chosen": "yes", "rejected": "no"},  # a duplicate, not an invalid pair
+        {"prompt": "q2", "chosen": "Same answer", "rejected": "Same answer "},  # equal once normalised
+        {
+            "prompt": "q3",
+            "chosen": [{"role": "assistant", "content": " "}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        },
+        {"prompt": "q4", "chosen": [{"role": "assistant", "content": "yes"}], "rejected": []},
+    ]
+    cleaned, counts = clean_dataset(Dataset.from_list(rows[:3]))
+    assert cleaned["prompt"] == ["q1"]
+    assert (counts["dropped_duplicates"], counts["dropped_identical_pairs"]) == (1, 1)
+    _, counts = clean_dataset(Dataset.from_list(rows[3:]))
+    assert counts["dropped_empty_side_pairs"] == 2 and counts["rows_out"] == 0
 
 
 def test_messages_are_cleaned_but_roles_kept():

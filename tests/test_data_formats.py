@@ -70,3 +70,13 @@ def test_missing_columns_name_the_fix():
         convert(Dataset.from_list([{"question": "q", "answer": "a"}]), "sft")
     with pytest.raises(RecipeError, match="`chosen`\\+`rejected`"):
         convert(Dataset.from_list([{"prompt": "q", "completion": "a"}]), "preference")
+
+
+def test_implicit_prompt_pair_with_an_empty_side_converts():
+    """trl's extract_prompt fails on an empty side; the pair passes through for cleaning to drop and count."""
+    data = Dataset.from_list(
+        [{"chosen": "", "rejected": "Q: hi A: no"}, {"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}]
+    )
+    rows = convert(data, "preference").to_list()
+    assert rows[0] == {"prompt": "", "chosen": "", "rejected": "Q: hi A: no"}
+    assert rows[1] == {"prompt": "Q: hi A:", "chosen": " yes", "rejected": " no"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from datasets import Dataset
@@ -10,45 +11,106 @@ from rlhf.config import DataArguments, RecipeError
 from rlhf.data.augment import AugmentationConfig, augment_dataset
 from rlhf.data.clean import clean_dataset
 from rlhf.data.formats import convert
-from rlhf.data.load import concatenate, load_source, load_sources, sources
+from rlhf.data.load import concatenate, load_sources, read_source, sources
 
 __all__ = ["prepare_datasets"]
 
 
-def _clean(dataset: Dataset, data_args: DataArguments) -> tuple[Dataset, dict[str, int]]:
-    return clean_dataset(
+# (count key, singular, plural, what happened), in the order the console line lists them
+REASONS = (
+    ("dropped_duplicates", "duplicate", "duplicates", "removed"),
+    ("dropped_identical_pairs", "pair with chosen == rejected", "pairs with chosen == rejected", "dropped"),
+    ("dropped_empty_side_pairs", "pair with an empty side", "pairs with an empty side", "dropped"),
+    ("dropped_empty", "empty row", "empty rows", "dropped"),
+    ("dropped_too_short", "row under clean_min_chars", "rows under clean_min_chars", "dropped"),
+    ("dropped_too_long", "row over clean_max_chars", "rows over clean_max_chars", "dropped"),
+    ("skipped_bad_rows", "bad row", "bad rows", "skipped"),
+    ("skipped_blank_lines", "blank line", "blank lines", "ignored"),
+)
+_announced: set[str] = set()
+
+
+def _clean(
+    dataset: Dataset, data_args: DataArguments, skipped: list[dict[str, Any]]
+) -> tuple[Dataset, dict[str, int], list[str]]:
+    """Clean `dataset`; return it, every count (the loaders' skipped rows included) and examples of skipped rows."""
+    dataset, counts = clean_dataset(
         dataset,
         normalize_unicode=data_args.clean_normalize_unicode,
         min_chars=data_args.clean_min_chars,
         max_chars=data_args.clean_max_chars,
         deduplicate=data_args.clean_deduplicate,
     )
+    for key in ("skipped_bad_rows", "skipped_blank_lines"):
+        counts[key] = sum(report[key] for report in skipped)
+    examples = [example for report in skipped for example in report["skipped_examples"]]
+    return dataset, counts, examples
 
 
-def _held_out(data_args: DataArguments, target: str, seed: int) -> Dataset | None:
-    """An explicit eval set: `eval_dataset_name`, or the synthetic world's held-out prompts."""
+def cleaning_summary(counts: dict[str, int], examples: list[str]) -> str:
+    """How many rows came in, how many are left, and why the others went: `120 rows → 84 (36 duplicates removed)`."""
+    parts = []
+    for key, one, many, happened in REASONS:
+        count = counts[key]
+        if count:
+            parts.append(f"{count} {one if count == 1 else many} {happened}")
+            if key == "skipped_bad_rows" and examples:
+                parts[-1] += f" (first: {examples[0]})"
+    rows_read = counts["rows_in"] + counts["skipped_bad_rows"]
+    return f"{rows_read} rows → {counts['rows_out']}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _announce(line: str) -> None:
+    # Pipeline pre-flight and then the stage prepare the same data in one process: say it once.
+    # Under `accelerate launch` only the first process speaks.
+    if line not in _announced and os.environ.get("RANK", "0") == "0":
+        _announced.add(line)
+        print(line, flush=True)
+
+
+def _held_out(
+    data_args: DataArguments, target: str, seed: int
+) -> tuple[Dataset | None, dict[str, int] | None, list[str]]:
+    """An explicit eval set: `eval_dataset_name` (cleaned like the training data), or the synthetic world's."""
     if data_args.eval_dataset_name:
         entry = {"path": data_args.eval_dataset_name, "split": data_args.dataset_test_split}
-        return convert(load_source(entry, data_args, seed, "eval_dataset_name"), target, "eval_dataset_name")
+        dataset, skipped = read_source(entry, data_args, seed, "eval_dataset_name", target)
+        dataset = convert(dataset, target, "eval_dataset_name")
+        dataset, counts, examples = _clean(dataset, data_args, [skipped])
+        summary = cleaning_summary(counts, examples)
+        _announce(f"data: eval_dataset_name {entry['path']}: {summary}")
+        if len(dataset) == 0:
+            raise RecipeError(
+                f"eval_dataset_name: no rows left after cleaning ({summary}); "
+                "fix the data or loosen clean_min_chars/clean_max_chars."
+            )
+        return dataset, counts, examples
     synthetic = [e for e in sources(data_args) if e["path"].startswith("synthetic:")]
     if len(synthetic) == len(sources(data_args)):
         size = max(16, int(data_args.synthetic_num_examples * data_args.test_split_size))
         sized = DataArguments(**{**vars(data_args), "synthetic_num_examples": size})
-        parts = [convert(load_source({**e, "split": "test"}, sized, seed, "dataset_name"), target) for e in synthetic]
-        return concatenate(parts, seed)
-    return None
+        parts = [
+            convert(read_source({**e, "split": "test"}, sized, seed, "dataset_name")[0], target) for e in synthetic
+        ]
+        return concatenate(parts, seed), None, []
+    return None, None, []
 
 
 def prepare_datasets(
     data_args: DataArguments, target: str, seed: int
 ) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
     """Return (train, eval, report) in the layout `target` needs; the report holds cleaning counts."""
-    converted = [convert(dataset, target, field) for field, dataset in load_sources(data_args, seed)]
-    dataset = concatenate(converted, seed)
-    dataset, counts = _clean(dataset, data_args)
+    loaded = load_sources(data_args, seed, target)
+    dataset = concatenate([convert(dataset, target, field) for field, dataset, _ in loaded], seed)
+    dataset, counts, examples = _clean(dataset, data_args, [skipped for _, _, skipped in loaded])
+    field = "dataset_mixture" if data_args.dataset_mixture else "dataset_name"
+    summary = cleaning_summary(counts, examples)
+    _announce(f"data: {field} {' + '.join(entry['path'] for entry in sources(data_args))}: {summary}")
     if len(dataset) == 0:
-        raise RecipeError("dataset_name: no rows left after cleaning; loosen clean_min_chars/clean_max_chars.")
-    eval_dataset = _held_out(data_args, target, seed)
+        raise RecipeError(
+            f"{field}: no rows left after cleaning ({summary}); fix the data or loosen clean_min_chars/clean_max_chars."
+        )
+    eval_dataset, eval_counts, eval_examples = _held_out(data_args, target, seed)
     if eval_dataset is None and data_args.test_split_size > 0:
         if len(dataset) < 2:
             raise RecipeError("test_split_size: the dataset has too few rows to hold some out; add data or set 0.")
@@ -71,5 +133,8 @@ def prepare_datasets(
         "train_rows": len(dataset),
         "eval_rows": len(eval_dataset) if eval_dataset is not None else 0,
         "augmented": augmentation.enabled,
+        "skipped_examples": examples + eval_examples,
     }
+    if eval_counts is not None:
+        report["eval_cleaning"] = eval_counts
     return dataset, eval_dataset, report

@@ -1,6 +1,6 @@
-"""Row cleaning: unicode normalisation, whitespace, empty/short/long rows, exact duplicates.
+"""Row cleaning: unicode normalisation, whitespace, empty/short/long rows, invalid preference pairs, duplicates.
 
-Each rule counts what it dropped; the counts are saved in the stage's metrics.json.
+Each rule counts what it dropped; the counts are printed once and saved in the stage's metrics.json.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _map_strings(value: Any, fn) -> Any:
     return value
 
 
-def _row_chars(row: dict) -> int:
+def _chars(value: Any) -> int:
+    """Characters of text in a row or value; message roles do not count."""
     total = 0
 
     def count(text: str) -> str:
@@ -40,7 +41,7 @@ def _row_chars(row: dict) -> int:
         total += len(text)
         return text
 
-    _map_strings(row, count)
+    _map_strings(value, count)
     return total
 
 
@@ -58,17 +59,26 @@ def clean_dataset(
         "dropped_too_short": 0,
         "dropped_too_long": 0,
         "dropped_duplicates": 0,
+        "dropped_identical_pairs": 0,
+        "dropped_empty_side_pairs": 0,
     }
+    # A pair that prefers nothing teaches nothing: DPO's loss sits at log 2 on it, and a reward
+    # model cannot rank it, which caps its held-out accuracy.
+    pairs = {"chosen", "rejected"} <= set(dataset.column_names)
     # datasets hands map() a lazy row, not a dict: copy it so nested values can be rebuilt.
     dataset = dataset.map(
         lambda row: _map_strings(dict(row), lambda t: normalize_text(t, "NFKC" if normalize_unicode else None))
     )
-    lengths = [_row_chars(dict(row)) for row in dataset]
+    lengths = [_chars(dict(row)) for row in dataset]
     seen: set[str] = set()
     keep = []
     for index, (row, length) in enumerate(zip(dataset, lengths)):
         if length == 0:
             counts["dropped_empty"] += 1
+        elif pairs and (_chars(row["chosen"]) == 0 or _chars(row["rejected"]) == 0):
+            counts["dropped_empty_side_pairs"] += 1
+        elif pairs and row["chosen"] == row["rejected"]:
+            counts["dropped_identical_pairs"] += 1
         elif length < min_chars:
             counts["dropped_too_short"] += 1
         elif max_chars is not None and length > max_chars:

@@ -41,6 +41,13 @@ def _messages_to_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
+def _extract_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """trl's `maybe_extract_prompt`, except that a pair with an empty side passes through for cleaning to drop."""
+    if not (row["chosen"] and row["rejected"]):
+        return {"prompt": row.get("prompt", row["chosen"][:0]), "chosen": row["chosen"], "rejected": row["rejected"]}
+    return maybe_extract_prompt(row)
+
+
 def _missing(columns: list[str], target: str, field: str) -> RecipeError:
     needs = {
         "language_modeling": "`text` (or `prompt`+`completion`, or `messages`)",
@@ -84,7 +91,8 @@ def convert(dataset: Dataset, target: str, field: str = "dataset_name") -> Datas
     if target == "preference":
         if not {"chosen", "rejected"} <= set(columns):
             raise _missing(columns, target, field)
-        first = dataset[0]
+        # The first pair with a chosen side shows the layout (an empty one is dropped in cleaning).
+        first = next((row for row in dataset if row["chosen"]), dataset[0])
         if _is_hh(first["chosen"]):
             dataset = dataset.map(
                 lambda r: {"chosen": hh_to_messages(r["chosen"]), "rejected": hh_to_messages(r["rejected"])},
@@ -93,8 +101,8 @@ def convert(dataset: Dataset, target: str, field: str = "dataset_name") -> Datas
             # UltraFeedback: the prompt string is repeated inside chosen/rejected; the lists win.
             dataset = dataset.remove_columns("prompt")
         keep = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
-        dataset = dataset.select_columns(keep).map(maybe_extract_prompt)
-        if isinstance(dataset[0]["prompt"], str) and not dataset[0]["prompt"] and "prompt" not in keep:
+        dataset = dataset.select_columns(keep).map(_extract_prompt)
+        if isinstance(dataset[0]["prompt"], str) and "prompt" not in keep and not any(dataset["prompt"]):
             raise RecipeError(f"{field}: chosen and rejected share no prompt; add a `prompt` column.")
         return dataset
     if target == "prompt_only":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, l
 
 from rlhf.config import DataArguments, RecipeError
 from rlhf.data.synthetic import SYNTHETIC_KINDS, make_synthetic_dataset
+from rlhf.data.validate import JsonScan, find_bad_rows, first_undecodable_line, scan_json_file, write_good_rows
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SOURCE_KEYS = {"path", "name", "data_dir", "data_files", "split", "columns", "fraction", "rename_columns"}
@@ -80,9 +82,65 @@ def check_data_sources(data_args: DataArguments) -> None:
         check_source(data_args.eval_dataset_name, "eval_dataset_name")
 
 
-def load_source(entry: dict[str, Any], data_args: DataArguments, seed: int, field: str) -> Dataset:
-    """Load one source as a Dataset (its requested split)."""
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _load_file(builder: str, path: str | Path, field: str, shown: str, **kwargs: Any) -> Dataset:
+    """`load_dataset` on a local file, its failure (a format `validate` does not check) as one line."""
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as error:  # `datasets` chains three tracebacks; the innermost one says what is wrong
+        cause = _root_cause(error)
+        reason = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise RecipeError(
+            f"{field}: could not read {shown} ({type(cause).__name__}: {reason}); fix the file or convert it to JSON Lines."
+        ) from None
+
+
+def _bad_rows_error(field: str, shown: str, where: str, problem: str) -> RecipeError:
+    unit = "line" if where.startswith("line") else "row"
+    return RecipeError(
+        f"{field}: {shown} {where}: {problem}; fix the {unit} or set skip_bad_rows: true to skip such rows."
+    )
+
+
+def _load_json_file(path: str, field: str, skip: bool) -> tuple[Dataset, JsonScan]:
+    """Read a JSON/JSON Lines file after checking it line by line; with `skip`, without its unreadable rows."""
+    scan = scan_json_file(path, stop_at_first=not skip)
+    if scan.bad and scan.fatal:
+        line, problem = scan.bad[0]
+        raise RecipeError(
+            f"{field}: {path} line {line}: {problem}; fix the line (rows of a JSON array cannot be skipped; "
+            "rows of a JSON Lines file can, with skip_bad_rows: true)."
+        )
+    if scan.bad and not skip:
+        raise _bad_rows_error(field, path, f"line {scan.bad[0][0]}", scan.bad[0][1])
+    if not scan.bad:
+        return _load_file("json", path, field, path), scan
+    if not scan.row_lines:
+        line, problem = scan.bad[0]
+        raise RecipeError(f"{field}: {path} has no readable rows (line {line}: {problem}); fix the file.")
+    with tempfile.TemporaryDirectory() as folder:  # `datasets` reads the good rows from a copy
+        copy = Path(folder) / "rows.jsonl"
+        with open(copy, "wb") as out:
+            write_good_rows(path, scan, out)
+        return _load_file("json", copy, field, path, cache_dir=folder, keep_in_memory=True), scan
+
+
+def read_source(
+    entry: dict[str, Any], data_args: DataArguments, seed: int, field: str, target: str | None = None
+) -> tuple[Dataset, dict[str, Any]]:
+    """Load one source (its requested split) with its rows checked for `target`; also return what was skipped.
+
+    A bad row (unreadable JSON, non-UTF-8 bytes, a value that does not fit `target`) raises a
+    RecipeError naming the file and line (or row index), unless `skip_bad_rows` is set.
+    """
     path, split = entry["path"], entry.get("split") or "train"
+    skip = data_args.skip_bad_rows
+    scan = JsonScan()
     if path.startswith("synthetic:"):
         kind = path.split(":", 1)[1]
         dataset = make_synthetic_dataset(
@@ -104,7 +162,16 @@ def load_source(entry: dict[str, Any], data_args: DataArguments, seed: int, fiel
             raise RecipeError(
                 f"{field}: cannot read {path!r}; use one of {', '.join(FILE_BUILDERS)} or a save_to_disk folder."
             )
-        dataset = load_dataset(builder, data_files=path, split="train")
+        if builder == "json":
+            dataset, scan = _load_json_file(path, field, skip)
+        elif builder == "csv":
+            undecodable = first_undecodable_line(path)
+            if undecodable:
+                raise RecipeError(f"{field}: {path} line {undecodable[0]}: {undecodable[1]}; fix the file.")
+            # Text stays text: pandas would read empty cells and answers like "None" or "NA" as missing.
+            dataset = _load_file(builder, path, field, path, keep_default_na=False)
+        else:
+            dataset = _load_file(builder, path, field, path)
     else:
         try:
             loaded = load_dataset(
@@ -125,20 +192,42 @@ def load_source(entry: dict[str, Any], data_args: DataArguments, seed: int, fiel
         dataset = dataset.rename_columns(entry["rename_columns"])
     if entry.get("columns"):
         dataset = dataset.select_columns(entry["columns"])
+    # A JSON file's rows are named by their line; other sources' by their row index.
+    unit = "line" if scan.row_lines or scan.bad else "row index"
+    skipped = list(scan.bad)
+    if not path.startswith("synthetic:"):
+        dropped = set()
+        for index, problem in find_bad_rows(dataset, target):
+            where = scan.row_lines[index] if scan.row_lines else index
+            if not skip:
+                raise _bad_rows_error(field, path, f"{unit} {where}", problem)
+            skipped.append((where, problem))
+            dropped.add(index)
+        if dropped:
+            dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
     fraction = entry.get("fraction", 1.0)
     if fraction < 1.0:
         dataset = dataset.shuffle(seed=seed).select(range(int(len(dataset) * fraction)))
+    examples = [f"{path} {unit} {where}: {problem}" for where, problem in sorted(skipped)[:5]]
     if len(dataset) == 0:
+        if skipped:
+            raise RecipeError(f"{field}: {path} has no good rows (first: {examples[0]}); fix the file.")
         raise RecipeError(f"{field}: {path!r} has no rows; point to a non-empty dataset.")
-    return dataset
+    report = {"skipped_bad_rows": len(skipped), "skipped_blank_lines": scan.blank_lines, "skipped_examples": examples}
+    return dataset, report
 
 
-def load_sources(data_args: DataArguments, seed: int) -> list[tuple[str, Dataset]]:
-    """Load every source of the recipe as (field name for messages, Dataset)."""
+def load_source(entry: dict[str, Any], data_args: DataArguments, seed: int, field: str) -> Dataset:
+    """Load one source as a Dataset (its requested split); its JSON lines are checked, its row layout is not."""
+    return read_source(entry, data_args, seed, field)[0]
+
+
+def load_sources(data_args: DataArguments, seed: int, target: str) -> list[tuple[str, Dataset, dict[str, Any]]]:
+    """Load every source of the recipe as (field name for messages, Dataset, what was skipped)."""
     loaded = []
     for i, entry in enumerate(sources(data_args)):
         field = f"dataset_mixture[{i}]" if data_args.dataset_mixture else "dataset_name"
-        loaded.append((field, load_source(entry, data_args, seed, field)))
+        loaded.append((field, *read_source(entry, data_args, seed, field, target)))
     return loaded
 
 
