@@ -2,6 +2,8 @@
 
 - Reward sources of a recipe: Python functions by import path and/or a reward model, checked
   before any model loads (`resolve_reward_sources`, `check_reward_weights`).
+- Bad reward values: `RewardGuard` applies the recipe's `nonfinite_rewards` and `max_abs_reward` to
+  each source's values in PPO, GRPO and RLOO alike.
 - A reward model's record: what the reward stage wrote to its metrics.json (`reward_model_record`)
   and the quality gate on it (`check_reward_quality`).
 - Scoring: `reward_model_input_ids` tokenises (prompt, completion) exactly as TRL's RewardTrainer
@@ -14,19 +16,23 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import pad, selective_log_softmax
 
 from rlhf.artifacts import METRICS_FILE, read_metrics
+from rlhf.callbacks import TrainingStopped
 from rlhf.config import RecipeError
 from rlhf.modeling import check_model_source
+
+logger = logging.getLogger(__name__)
 
 RULE_REWARD = "rlhf.data.synthetic:rule_reward"
 
@@ -59,11 +65,26 @@ class RewardSourceArguments:
     `reward_model_path` is a reward model directory (the reward stage's output) or Hub id;
     `reward_funcs` lists Python reward functions as `package.module:function`. With several
     sources, their order (reward model first) is the order of TRL's `reward_weights`.
+    `nonfinite_rewards` and `max_abs_reward` say what happens to a source's NaN, ±inf or huge values.
     """
 
     reward_model_path: str | None = None
     reward_funcs: list[str] | None = None
     reward_min_accuracy: float = 0.9
+    nonfinite_rewards: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={
+            "help": "A reward source returns NaN or ±inf: 'stop' ends the run with one line naming the source, step "
+            "and value (nothing is published); 'skip' leaves those samples out of the update and counts them."
+        },
+    )
+    max_abs_reward: float | None = field(
+        default=1e4,
+        metadata={
+            "help": "A finite reward beyond ±max_abs_reward is clipped to it, with one warning per source; null "
+            "turns clipping off."
+        },
+    )
 
 
 def check_reward_weights(weights: list[float] | None, num_sources: int) -> list[float]:
@@ -78,15 +99,20 @@ def check_reward_weights(weights: list[float] | None, num_sources: int) -> list[
     return list(weights)
 
 
-def resolve_reward_sources(args: RewardSourceArguments) -> list[str | Callable[..., list[float]]]:
+def resolve_reward_sources(
+    args: RewardSourceArguments, allow_pickle: bool = False
+) -> list[str | Callable[..., list[float]]]:
     """Check and resolve a recipe's reward sources into TRL's `reward_funcs` list, before any model loads.
 
     A reward model stays a path string (TRL loads it with AutoModelForSequenceClassification); its
-    held-out accuracy must reach `reward_min_accuracy` (0 disables the check).
+    held-out accuracy must reach `reward_min_accuracy` (0 disables the check). `allow_pickle` is the
+    recipe's `allow_pickle_weights`.
     """
+    if args.max_abs_reward is not None and not args.max_abs_reward > 0:
+        raise RecipeError(f"max_abs_reward: got {args.max_abs_reward}; give a positive bound, or null for none.")
     sources: list[str | Callable[..., list[float]]] = []
     if args.reward_model_path:
-        check_model_source(args.reward_model_path, field="reward_model_path")
+        check_model_source(args.reward_model_path, field="reward_model_path", allow_pickle=allow_pickle)
         check_reward_quality(args.reward_model_path, args.reward_min_accuracy)
         sources.append(args.reward_model_path)
     sources.extend(load_reward_function(spec) for spec in args.reward_funcs or [])
@@ -97,6 +123,83 @@ def resolve_reward_sources(args: RewardSourceArguments) -> list[str | Callable[.
         )
     check_reward_weights(getattr(args, "reward_weights", None), len(sources))
     return sources
+
+
+def reward_source_name(source: str | Callable[..., Any]) -> str:
+    """How messages and metrics name a reward source: a reward model's path, a function's import path."""
+    if isinstance(source, str):
+        return source
+    return f"{getattr(source, '__module__', '?')}:{getattr(source, '__qualname__', repr(source))}"
+
+
+class RewardGuard:
+    """The recipe's rule for bad reward values, applied to every source's values of a batch at once.
+
+    None from a reward function means "no reward for this sample" (TRL's meaning: it adds 0) and
+    passes. NaN and ±inf are non-finite: `nonfinite_rewards: stop` raises one line naming the source,
+    the step and the value; `skip` marks the sample skipped (PPO masks it out of advantages and
+    losses, GRPO/RLOO give it TRL's treatment of a sample no source could score). A finite value
+    beyond ±`max_abs_reward` is clipped to the bound, with one warning per source. Callers hand in
+    the whole batch of every process, so each process takes the same decision.
+    """
+
+    def __init__(
+        self, source_names: list[str], nonfinite_rewards: str = "stop", max_abs_reward: float | None = 1e4
+    ) -> None:
+        self.source_names, self.action, self.bound = list(source_names), nonfinite_rewards, max_abs_reward
+        self.skipped_samples = 0
+        self.nonfinite = dict.fromkeys(self.source_names, 0)
+        self.clipped = dict.fromkeys(self.source_names, 0)
+        self._warned: set[str] = set()
+
+    def check(
+        self, values: torch.Tensor, missing: torch.Tensor, where: str, record: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples × sources) values and where a source gave None → (values clipped, NaN where not finite; skipped).
+
+        `skipped` marks each sample with a non-finite value from any source; `where` (e.g. "update 3")
+        goes into messages; `record` adds the batch to the counts of `summary` (training, not evaluation).
+        """
+        nonfinite = ~torch.isfinite(values) & ~missing.bool()
+        if nonfinite.any() and self.action == "stop":
+            sample, source = (int(i) for i in nonfinite.nonzero()[0])
+            raise TrainingStopped(
+                f"reward source {self.source_names[source]} returned {values[sample, source].item()} at {where} "
+                f"({int(nonfinite[:, source].sum())} of {len(values)} samples); fix it, or set "
+                "`nonfinite_rewards: skip` to leave such samples out of the update."
+            )
+        huge = torch.zeros_like(nonfinite)
+        if self.bound is not None:
+            huge = torch.isfinite(values) & (values.abs() > self.bound)
+            for index, name in enumerate(self.source_names):
+                if huge[:, index].any() and name not in self._warned:
+                    self._warned.add(name)
+                    logger.warning(
+                        "reward source %s returned %g at %s; rewards beyond ±max_abs_reward (%g) are clipped to it "
+                        "(said once per source; metrics.json counts them under reward_checks).",
+                        name,
+                        values[:, index][huge[:, index]][0].item(),
+                        where,
+                        self.bound,
+                    )
+            values = values.clamp(-self.bound, self.bound)  # NaN stays NaN
+        skipped = nonfinite.any(1)
+        if record:
+            self.skipped_samples += int(skipped.sum())
+            for index, name in enumerate(self.source_names):
+                self.nonfinite[name] += int(nonfinite[:, index].sum())
+                self.clipped[name] += int(huge[:, index].sum())
+        return values.masked_fill(nonfinite, float("nan")), skipped
+
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json records: the settings, samples skipped, and non-finite and clipped values per source."""
+        return {
+            "nonfinite_rewards": self.action,
+            "max_abs_reward": self.bound,
+            "skipped_samples": self.skipped_samples,
+            "nonfinite": self.nonfinite,
+            "clipped": self.clipped,
+        }
 
 
 # ---------------------------------------------------------------------------------------------

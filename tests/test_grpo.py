@@ -76,6 +76,7 @@ def test_rloo_with_a_rule_function(tiny_sft_checkpoint: Path, tmp_path: Path):
         ({"reward_funcs": ["no_such_package.rewards:f"]}, "cannot import module"),
         ({}, "no reward source"),
         ({"reward_funcs": ["rlhf.data.synthetic:rule_reward"], "reward_weights": [1.0, 2.0]}, "2 weights for 1"),
+        ({"reward_funcs": ["rlhf.data.synthetic:rule_reward"], "max_abs_reward": 0}, "max_abs_reward: got 0"),
     ],
 )
 def test_bad_reward_sources_fail_before_the_model_loads(tiny_checkpoint: Path, tmp_path: Path, keys, message):

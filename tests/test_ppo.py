@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl import ModelConfig
 
-from rlhf.config import RecipeError
+from rlhf.config import ModelArguments, RecipeError
 from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
 from rlhf.modeling import align_generation_config, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.ppo import (
@@ -29,7 +29,7 @@ from rlhf.ppo import (
     value_loss,
     whiten,
 )
-from rlhf.ppo.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.ppo.checkpoint import PPO_STATE_FILE, load_checkpoint, save_checkpoint
 from rlhf.rewards import reward_model_record
 from rlhf.stages import ppo
 from tests.conftest import write_recipe
@@ -119,8 +119,19 @@ def test_health_monitor_flags_kl_length_and_entropy():
     assert len(problems) == 3 and "max_kl" in problems[0] and "2.25×" in problems[1] and "min_entropy" in problems[2]
     monitor.events.append({"step": 2, "problems": problems, "action": "warn"})
     restored = HealthMonitor(max_kl=5.0)
-    restored.load_state_dict(monitor.state_dict())
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))  # what a checkpoint keeps: JSON
     assert restored.initial_response_length == 4.0 and restored.events == monitor.events
+
+
+def test_health_monitor_flags_numbers_ppo_cannot_go_on_from():
+    monitor = HealthMonitor(max_grad_norm_alarm=100.0)
+    assert monitor.check_step(loss=0.5, grad_norm=3.0) is None
+    assert monitor.check_step(loss=float("nan"), grad_norm=3.0) == "loss nan"
+    assert monitor.check_step(loss=0.5, grad_norm=float("inf")) == "gradient norm inf"
+    assert monitor.check_step(loss=0.5, grad_norm=250.0) == "gradient norm 250 > max_grad_norm_alarm 100"
+    assert HealthMonitor().check_step(loss=0.5, grad_norm=1e30) is None  # no alarm set: only NaN/inf stop
+    assert monitor.nonfinite_metric({"objective/kl": 1.0, "loss/value_avg": float("nan")}) == "loss/value_avg nan"
+    assert monitor.nonfinite_metric({"objective/kl": 1.0}) is None
 
 
 # ---- short real runs ----------------------------------------------------------------------------
@@ -301,10 +312,16 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_sft_checkpoint: Path
         run_ppo(tmp_path, "resume", tiny_sft_checkpoint, **keys)
     incomplete = tmp_path / "resume.incomplete"
     assert not (tmp_path / "resume").exists()
-    # Accelerator.save_state's files (weights, optimizer, scheduler, RNG, registered objects), state last.
+    # Accelerator.save_state's files (weights, optimizer, scheduler, RNG), the PPO state as JSON, trainer state last.
     written = {p.name for p in (incomplete / "checkpoint-2").iterdir()}
-    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= written
-    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"} <= written
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", PPO_STATE_FILE} <= written
+    assert not [name for name in written if name.startswith("custom_checkpoint")]  # nothing pickled by accelerate
+    ppo_state = json.loads((incomplete / "checkpoint-2" / PPO_STATE_FILE).read_text())
+    assert ppo_state["prompt_order"] == {"next_update": 2} and set(ppo_state) == {
+        "kl_controller",
+        "health",
+        "prompt_order",
+    }
     saved = json.loads((incomplete / "checkpoint-2" / "trainer_state.json").read_text())
     assert saved["global_step"] == 2
 
@@ -415,12 +432,15 @@ def test_checkpoints_restore_tied_weights_and_refuse_missing_ones(tiny_checkpoin
     trainer = _tiny_trainer(tiny_checkpoint, tmp_path / "out")
     assert trainer.policy.config.tie_word_embeddings
     trainer.train()
-    folder = save_checkpoint(trainer.accelerator, trainer.state, trainer.args.output_dir, save_total_limit=None)
+    trainer.kl_controller.value = 0.123  # as an adaptive controller would have moved it
+    folder = save_checkpoint(trainer.accelerator, trainer.state, trainer.args.output_dir, None, trainer.checkpointed)
     trained = {name: value.clone() for name, value in trainer.model.state_dict().items()}
 
     fresh = _tiny_trainer(tiny_checkpoint, tmp_path / "out")
-    load_checkpoint(fresh.accelerator, fresh.state, folder)
+    load_checkpoint(fresh.accelerator, fresh.state, folder, fresh.checkpointed)
     assert fresh.state.global_step == 1
+    assert fresh.kl_controller.value == 0.123 and fresh.prompt_order.next_update == 1
+    assert fresh.health.initial_response_length == trainer.health.initial_response_length
     restored = fresh.model.state_dict()
     assert all(torch.equal(restored[name], value) for name, value in trained.items())
     policy = fresh.policy
@@ -431,6 +451,18 @@ def test_checkpoints_restore_tied_weights_and_refuse_missing_ones(tiny_checkpoin
     save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors")
     with pytest.raises(RuntimeError, match="(?i)missing"):
         load_checkpoint(_tiny_trainer(tiny_checkpoint, tmp_path / "out").accelerator, fresh.state, folder)
+
+    # A checkpoint whose PPO state is not JSON (an older rlhf pickled it) is refused, never unpickled.
+    (folder / PPO_STATE_FILE).unlink()
+    with pytest.raises(RecipeError, match=PPO_STATE_FILE):
+        load_checkpoint(fresh.accelerator, fresh.state, folder, fresh.checkpointed)
+
+
+def test_reward_and_value_models_load_with_the_policy_settings():
+    policy_args = ModelArguments(model_name_or_path="policy", dtype="float32", allow_pickle_weights=True)
+    sibling = ppo._sibling_model_args(policy_args, "reward")
+    assert isinstance(sibling, ModelArguments) and sibling.model_name_or_path == "reward"
+    assert sibling.allow_pickle_weights and sibling.dtype == "float32"
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tiny_checkpoint: Path, tmp_path: Path):

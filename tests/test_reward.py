@@ -32,6 +32,7 @@ def test_reward_model_beats_chance_and_reloads(tiny_reward_checkpoint: Path):
     assert metrics["margin"] > 0
     assert metrics["reward_stats"]["std"] > 0 and math.isfinite(metrics["reward_stats"]["mean"])
     assert metrics["eval"]["eval_accuracy"] > metrics["eval_before"]["eval_accuracy"]  # TRL keeps its eval_ prefix
+    assert "resumed_from" in metrics and metrics["resumed_from"] is None  # recorded like every other stage
 
     # The saved checkpoint is the trained one: reloaded plainly, it reproduces the recorded held-out accuracy.
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_checkpoint)

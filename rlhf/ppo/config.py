@@ -7,18 +7,21 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from rlhf.callbacks import DivergenceArguments
 from rlhf.config import RecipeError
 from rlhf.rewards import RewardSourceArguments
 
 
 @dataclass
-class PPOConfig(TrainingArguments, RewardSourceArguments):
+class PPOConfig(TrainingArguments, RewardSourceArguments, DivergenceArguments):
     """PPO settings: TRL 1.12's `PPOConfig` names, plus an adaptive KL controller, reward mixing and a health monitor.
 
     Batch sizes follow TRL: one update uses `batch_size = per_device_train_batch_size ×
     gradient_accumulation_steps × num_processes` prompts, split into `num_mini_batches` minibatches
     for each of `num_ppo_epochs` passes. `total_episodes` (default `num_train_epochs × len(dataset)`)
-    or `max_steps` (updates) sets the length of training.
+    or `max_steps` (updates) sets the length of training. Bad numbers (`nonfinite_rewards`,
+    `max_abs_reward`, `max_grad_norm_alarm`, and any NaN/inf loss, gradient or log-probability)
+    stop the run or skip samples whatever `health_action` says.
     """
 
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (TRL's PPO default)."})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from rlhf.callbacks import divergence_problem
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -155,13 +158,27 @@ def make_kl_controller(kind: str, kl_coef: float, target: float, horizon: int) -
 
 @dataclass
 class HealthMonitor:
-    """Recipe thresholds that flag runaway KL, runaway response length and entropy collapse."""
+    """Recipe thresholds for runaway KL, runaway response length and entropy collapse, and for bad numbers.
+
+    `check` flags the first three in an update's metrics; `check_step` a NaN/inf loss or gradient norm, or
+    one above `max_grad_norm_alarm`; `nonfinite_metric` a NaN/inf logged metric.
+    """
 
     max_kl: float | None = None
     max_response_length_ratio: float | None = None
     min_entropy: float | None = None
     initial_response_length: float | None = None
     events: list[dict[str, Any]] = field(default_factory=list)  # every failed check: step, problems, action
+    max_grad_norm_alarm: float | None = None
+
+    def check_step(self, loss: float, grad_norm: float | None) -> str | None:
+        """What is wrong with one optimizer step's loss and gradient norm before clipping (None when fine)."""
+        return divergence_problem(loss, grad_norm, self.max_grad_norm_alarm)
+
+    @staticmethod
+    def nonfinite_metric(metrics: dict[str, float]) -> str | None:
+        """The first logged metric that is NaN or ±inf, as 'name value' (None when all are finite)."""
+        return next((f"{name} {value}" for name, value in metrics.items() if not math.isfinite(value)), None)
 
     def check(self, metrics: dict[str, float]) -> list[str]:
         """The problems in one update's metrics (empty when healthy)."""

@@ -22,10 +22,12 @@ from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import masked_mean, response_mask
 from rlhf.ppo.models import token_scores
 from rlhf.rewards import (
+    RewardGuard,
     check_reward_weights,
     completions_for,
     response_logprobs,
     reward_model_scores,
+    reward_source_name,
     sequence_kl,
 )
 
@@ -114,6 +116,9 @@ def generate(
         eos_token_id=stop_token_id,
         pad_token_id=pad_token_id,
         use_cache=True,
+        # Weights that blew up give NaN logits; sampling from them would crash with a traceback before
+        # the trainer's checks see the non-finite log-probabilities and stop cleanly.
+        remove_invalid_values=True,
     )
     was_training = policy.training
     policy.eval()
@@ -142,7 +147,10 @@ def completion_texts(tokenizer: PreTrainedTokenizerBase, responses: torch.Tensor
 
 
 class RewardSources:
-    """A reward model and/or Python reward functions, weighted (reward model first) into one score per completion."""
+    """A reward model and/or Python reward functions, weighted (reward model first) into one score per completion.
+
+    `guard` applies the recipe's `nonfinite_rewards` / `max_abs_reward` to their values.
+    """
 
     def __init__(
         self,
@@ -152,21 +160,28 @@ class RewardSources:
         weights: list[float] | None,
         stats: dict[str, float] | None,
         batch_size: int,
+        nonfinite_rewards: str = "stop",
+        max_abs_reward: float | None = 1e4,
     ) -> None:
         if reward_model is None and not reward_funcs:
             raise RecipeError("reward_model_path / reward_funcs: PPO needs a reward; set at least one of them.")
         self.reward_model, self.reward_tokenizer, self.reward_funcs = reward_model, reward_tokenizer, reward_funcs
         self.weights = check_reward_weights(weights, (reward_model is not None) + len(reward_funcs))
         self.stats, self.batch_size = stats, batch_size
+        # Log keys (`reward/<name>`) and the names in messages and metrics.json (paths a user can find).
+        self.log_names = (["reward_model"] if reward_model is not None else []) + [
+            getattr(f, "__name__", "reward_func") for f in reward_funcs
+        ]
+        sources = ([reward_model.name_or_path] if reward_model is not None else []) + list(reward_funcs)
+        self.guard = RewardGuard([reward_source_name(s) for s in sources], nonfinite_rewards, max_abs_reward)
 
     @torch.no_grad()
-    def score(
+    def values(
         self, rows: list[dict[str, Any]], completions: list[str], device: torch.device
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted sum of the sources for each (prompt row, completion text); also each source's mean."""
-        total = torch.zeros(len(completions), device=device)
-        parts: dict[str, float] = {}
-        weights = iter(self.weights)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each source's value of each (prompt row, completion): (samples × sources) values, and where a function
+        gave None."""
+        columns, missing = [], []
         prompts = [r["prompt"] for r in rows]
         if self.reward_model is not None:
             scores = reward_model_scores(
@@ -174,16 +189,26 @@ class RewardSources:
             ).to(device)
             if self.stats:
                 scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-6)
-            parts["reward_model"] = scores.mean().item()
-            total += next(weights) * scores
+            columns.append(scores)
+            missing.append(torch.zeros(len(completions), dtype=torch.bool, device=device))
         formatted = completions_for(prompts, completions)
         extra = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
         for function in self.reward_funcs:
             values = function(prompts=prompts, completions=formatted, **extra)
-            values = torch.tensor([float("nan") if v is None else v for v in values], device=device)
-            values = torch.nan_to_num(values, nan=0.0)
-            parts[getattr(function, "__name__", "reward_func")] = values.mean().item()
-            total += next(weights) * values
+            columns.append(
+                torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32, device=device)
+            )
+            missing.append(torch.tensor([v is None for v in values], dtype=torch.bool, device=device))
+        return torch.stack(columns, 1), torch.stack(missing, 1)
+
+    def total(self, values: torch.Tensor, skipped: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum of checked values (a missing or skipped value adds 0); each source's mean over kept samples."""
+        total = torch.zeros(len(values), device=values.device)
+        parts: dict[str, float] = {}
+        kept = ~skipped
+        for column, name, weight in zip(values.nan_to_num(nan=0.0).unbind(1), self.log_names, self.weights):
+            parts[name] = column[kept].mean().item() if kept.any() else 0.0
+            total += weight * column
         return total, parts
 
 
@@ -201,13 +226,15 @@ class Rollout:
     values: torch.Tensor
     scores: torch.Tensor
     entropy: torch.Tensor  # per token, of the rollout policy
+    skipped: torch.Tensor  # per sample: a reward source gave NaN/inf (nonfinite_rewards: skip)
     completions: list[str] = field(default_factory=list)
 
     def metrics(
         self, kl: torch.Tensor, non_score_reward: torch.Tensor, stop_token_id: int | None
     ) -> dict[str, torch.Tensor | float]:
         """This process's rollout metrics under TRL's names, given the per-token KL and KL penalty."""
-        mask, scores = self.mask, self.scores
+        mask, kept = self.mask, ~self.skipped
+        scores = self.scores[kept] if kept.any() else self.scores.new_zeros(1)  # skipped samples have no score
         return {
             "objective/kl": kl.sum(1).mean(),
             "objective/entropy": (-self.logprobs * mask).sum(1).mean(),
@@ -259,6 +286,24 @@ class RolloutMaker:
             device=self.accelerator.device,
         )
 
+    def score(
+        self, rows: list[dict[str, Any]], completions: list[str], where: str, across_processes: bool
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """Checked, weighted rewards of completions; each source's mean; the samples skipped for a non-finite value.
+
+        `across_processes`: each process holds its own share of the batch, so the checks run on all of
+        it (gathered) and every process stops, or skips the same samples, alike.
+        """
+        values, missing = self.rewards.values(rows, completions, self.accelerator.device)
+        if not across_processes:
+            values, skipped = self.rewards.guard.check(values, missing, where, record=False)
+            return (*self.rewards.total(values, skipped), skipped)
+        count, start = len(values), self.accelerator.process_index * len(values)
+        values, missing = self.accelerator.gather(values), self.accelerator.gather(missing.float())
+        values, skipped = self.rewards.guard.check(values, missing, where)
+        values, skipped = values[start : start + count], skipped[start : start + count]
+        return (*self.rewards.total(values, skipped), skipped)
+
     @torch.no_grad()
     def rollout(
         self,
@@ -266,8 +311,10 @@ class RolloutMaker:
         reference: ReferenceContext,
         value_model: PreTrainedModel,
         prompts: list[dict[str, Any]],
+        where: str = "update",
     ) -> tuple[Rollout, dict[str, float]]:
-        """Sample responses to encoded prompts and score them; also each reward source's mean."""
+        """Sample responses to encoded prompts and score them (`where`: the update, for messages); also each source's
+        mean."""
         args = self.args
         input_ids, attention_mask, context_length = self.generate(policy, [p["input_ids"] for p in prompts], True)
         responses = input_ids[:, context_length:]
@@ -284,7 +331,7 @@ class RolloutMaker:
                 values.append(token_scores(value_model, ids, attn)[:, context_length - 1 : -1].float())
             logprobs.append(logprob)
         completions = completion_texts(self.tokenizer, responses, mask)
-        scores, parts = self.rewards.score([p["row"] for p in prompts], completions, self.accelerator.device)
+        scores, parts, skipped = self.score([p["row"] for p in prompts], completions, where, across_processes=True)
         if args.missing_eos_penalty is not None and self.stop_token_id is not None:
             scores = scores - args.missing_eos_penalty * (~(responses == self.stop_token_id).any(1)).float()
         rollout = Rollout(
@@ -298,6 +345,7 @@ class RolloutMaker:
             values=torch.cat(values) * mask,
             scores=scores.float(),
             entropy=torch.cat(entropies),
+            skipped=skipped,
             completions=completions,
         )
         return rollout, parts
@@ -311,8 +359,14 @@ class RolloutMaker:
         metric_key_prefix: str = "eval",
         extra_reward_funcs: dict[str, RewardFunction] | None = None,
     ) -> dict[str, float]:
-        """Greedy responses to encoded prompts: mean reward (and each source), KL to the reference, length."""
+        """Greedy responses to encoded prompts: mean reward (and each source), KL to the reference, length.
+
+        Samples a non-finite reward skipped (`nonfinite_rewards: skip`) count in `<prefix>_rewards_skipped`, not
+        in the reward means.
+        """
         totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        skipped_count = 0
         step = self.args.per_device_eval_batch_size
         for start in range(0, len(prompts), step):
             chunk = prompts[start : start + step]
@@ -320,22 +374,28 @@ class RolloutMaker:
             mask = attn[:, context_length:].bool()
             completions = completion_texts(self.tokenizer, ids[:, context_length:], mask)
             rows = [p["row"] for p in chunk]
-            scores, parts = self.rewards.score(rows, completions, self.accelerator.device)
+            # Every process evaluates every prompt, so each takes the same decision on its own values.
+            where = f"the {metric_key_prefix} evaluation"
+            scores, parts, skipped = self.score(rows, completions, where, across_processes=False)
+            kept = ~skipped
+            skipped_count += int(skipped.sum())
             with self.accelerator.autocast():
                 logprob, _ = self.logprobs(policy, ids, attn, context_length)
                 with reference() as reference_model:
                     ref_logprob, _ = self.logprobs(reference_model, ids, attn, context_length)
             values = {
-                "reward": scores,
+                "reward": scores[kept],
                 "kl": sequence_kl(logprob, ref_logprob, mask),
                 "response_length": mask.float().sum(1),
             }
             for name, value in parts.items():
-                values[f"reward/{name}"] = torch.full_like(scores, value)
+                values[f"reward/{name}"] = scores.new_full((int(kept.sum()),), value)
             texts = [r["prompt"] for r in rows]
             formatted = completions_for(texts, completions)
             for name, function in (extra_reward_funcs or {}).items():
                 values[name] = torch.tensor(function(prompts=texts, completions=formatted), dtype=torch.float32)
             for name, value in values.items():
                 totals[name] = totals.get(name, 0.0) + value.float().sum().item()
-        return {f"{metric_key_prefix}_{k}": round(v / len(prompts), 4) for k, v in totals.items()}
+                counts[name] = counts.get(name, 0) + len(value)
+        metrics = {f"{metric_key_prefix}_{k}": round(v / max(counts[k], 1), 4) for k, v in totals.items()}
+        return {**metrics, f"{metric_key_prefix}_rewards_skipped": skipped_count} if prompts else metrics

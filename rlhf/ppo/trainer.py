@@ -4,6 +4,12 @@ One update = one rollout of `batch_size` prompts:
   generate → truncate after the stop token → logprobs (policy, reference), values, scores →
   per-token rewards (−kl_coef·KL, plus the score on the last token) → GAE → whiten advantages →
   `num_ppo_epochs` passes over `num_mini_batches` minibatches of clipped policy + value loss.
+
+Bad numbers end the run with one line (`rlhf.callbacks.TrainingStopped`) whatever `health_action`
+says: a non-finite reward (unless `nonfinite_rewards: skip`, which masks those samples out), a
+NaN/inf loss, gradient norm, log-probability or value, or a gradient norm above
+`max_grad_norm_alarm`. The broken optimizer step is never taken and no checkpoint is written after
+it, so `<output>.incomplete/` keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +39,7 @@ from transformers.trainer import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import CallbackHandler, PrinterCallback
 from trl.trainer.utils import selective_log_softmax
 
+from rlhf.callbacks import TrainingStopped, divergence_message
 from rlhf.config import RecipeError
 from rlhf.ppo.checkpoint import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 from rlhf.ppo.config import PPOConfig
@@ -72,6 +79,10 @@ LOSS_METRICS = (
 )
 
 
+class Diverged(Exception):
+    """A PPO update met a loss, gradient or log-probability it cannot go on from (the message says which)."""
+
+
 class PPOTrainer:
     """PPO with a policy, a reference (a frozen copy, or the policy with LoRA adapters disabled), reward
     sources (a reward model and/or Python reward functions) and a value model.
@@ -109,6 +120,8 @@ class PPOTrainer:
             args.reward_weights,
             reward_stats if args.normalize_reward else None,
             args.local_rollout_forward_batch_size,
+            args.nonfinite_rewards,
+            args.max_abs_reward,
         )
         self.accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps // args.num_mini_batches,
@@ -128,12 +141,21 @@ class PPOTrainer:
         for frozen in (self.ref_model, reward_model):
             freeze(frozen, self.accelerator.device)
         self.kl_controller = make_kl_controller(args.kl_controller, args.kl_coef, args.target_kl, args.kl_horizon)
-        self.health = HealthMonitor(args.max_kl, args.max_response_length_ratio, args.min_entropy)
+        self.health = HealthMonitor(
+            args.max_kl,
+            args.max_response_length_ratio,
+            args.min_entropy,
+            max_grad_norm_alarm=args.max_grad_norm_alarm,
+        )
         self.stopped_by_health: str | None = None
         self._last_good: dict[str, torch.Tensor] | None = None  # with health_action "stop": weights to restore
         self._last_good_step = 0
-        # Saved by Accelerator.save_state beside the model, optimizer, scheduler and RNG, in this order.
-        self.accelerator.register_for_checkpointing(self.kl_controller, self.health, self.prompt_order)
+        # Saved as JSON in each checkpoint beside the model, optimizer, scheduler and RNG.
+        self.checkpointed = {
+            "kl_controller": self.kl_controller,
+            "health": self.health,
+            "prompt_order": self.prompt_order,
+        }
         self._set_up_callbacks(callbacks)
 
     # ---- set-up steps ----------------------------------------------------------------------------
@@ -217,16 +239,28 @@ class PPOTrainer:
         """Every failed health check so far: step, problems, action."""
         return self.health.events
 
+    @property
+    def reward_checks(self) -> dict[str, Any]:
+        """The reward checks' settings and counts (samples skipped, values non-finite or clipped per source)."""
+        return self.rollouts.rewards.guard.summary()
+
     def reference(self) -> AbstractContextManager[PreTrainedModel]:
         """The reference model: the frozen copy, or the policy with its LoRA adapters disabled."""
         return reference_model(self.policy, self.ref_model, self.args.ref_adapter_name)
 
     # ---- one update ------------------------------------------------------------------------------
 
-    def _train_on(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-        """`num_ppo_epochs` passes of clipped PPO over minibatches of the rollout; the mean losses and ratios."""
+    def _train_on(
+        self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, float]:
+        """`num_ppo_epochs` passes of clipped PPO over minibatches of the rollout; the mean losses and ratios.
+
+        `mask` marks the response tokens that count (skipped samples have none). Raises `Diverged`, without
+        taking the optimizer step, when a loss or the gradient norm is not a number PPO can go on from.
+        """
         args = self.args
         stats: dict[str, list[float]] = {k: [] for k in LOSS_METRICS}
+        grad_norms: list[float] = []
         generator = torch.Generator().manual_seed(args.seed + self.state.global_step)
         self.model.train()
         for _ in range(args.num_ppo_epochs):
@@ -241,43 +275,68 @@ class PPOTrainer:
                         logits = logits[:, r.context_length - 1 : -1].float() / self.rollouts.temperature
                         new_logprobs = selective_log_softmax(logits, r.responses[idx])
                         vpred = vpred[:, r.context_length - 1 : -1].float()
-                        mask = r.mask[idx]
+                        micro_mask = mask[idx]
                         pg_loss, pg_clipfrac, approxkl = policy_loss(
-                            new_logprobs, r.logprobs[idx], advantages[idx], mask, args.cliprange
+                            new_logprobs, r.logprobs[idx], advantages[idx], micro_mask, args.cliprange
                         )
                         vf_loss, vf_clipfrac = value_loss(
-                            vpred, r.values[idx], returns[idx], mask, args.cliprange_value
+                            vpred, r.values[idx], returns[idx], micro_mask, args.cliprange_value
                         )
-                        self.accelerator.backward(pg_loss + args.vf_coef * vf_loss)
-                        if self.accelerator.sync_gradients and args.max_grad_norm:
-                            self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        self.accelerator.backward(loss)
+                        if self.accelerator.sync_gradients:
+                            # Clipping to inf only measures the norm (the gradients are multiplied by 1).
+                            grad_norm = self.accelerator.clip_grad_norm_(
+                                self.model.parameters(), args.max_grad_norm or math.inf
+                            )
+                            grad_norm = None if grad_norm is None else float(grad_norm)
+                            self._stop_if_diverged(self.health.check_step(loss.item(), grad_norm))
+                            grad_norms.append(grad_norm or 0.0)
                         self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
                         self.optimizer.step()
                         self.optimizer.zero_grad()
-                    ratio = masked_mean(torch.exp(new_logprobs - r.logprobs[idx]), mask)
+                    ratio = masked_mean(torch.exp(new_logprobs - r.logprobs[idx]), micro_mask)
                     for name, value in zip(LOSS_METRICS, (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl, ratio)):
                         stats[name].append(value.item())
-        return {name: sum(values) / len(values) for name, values in stats.items()}
+        means = {name: sum(values) / len(values) for name, values in stats.items()}
+        return {**means, "grad_norm_max": max(grad_norms, default=0.0)}
 
     def _gather_mean(self, value: float | torch.Tensor) -> float:
         tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(1)
         return self.accelerator.gather_for_metrics(tensor).mean().item()
 
+    def _gather_sum(self, value: float | torch.Tensor) -> float:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(1)
+        return self.accelerator.gather(tensor).sum().item()
+
+    def _stop_if_diverged(self, problem: str | None) -> None:
+        """Raise `Diverged` on every process when any process found a problem, so none is left waiting."""
+        if self._gather_sum(problem is not None) > 0:
+            self.optimizer.zero_grad()
+            raise Diverged(problem or "a non-finite loss or gradient on another process")
+
     def step(self) -> dict[str, float]:
         """One PPO update on the next prompts (rollout → rewards → GAE → optimisation); returns the logged metrics."""
         args = self.args
         prompts = [self.prompts[i] for i in self.prompt_order.next_indices()]
-        r, parts = self.rollouts.rollout(self.policy, self.reference, self.value_model, prompts)
+        where = f"update {self.state.global_step + 1}"
+        r, parts = self.rollouts.rollout(self.policy, self.reference, self.value_model, prompts, where)
+        finite = bool(torch.isfinite(r.logprobs).all() and torch.isfinite(r.values).all())
+        # Weights that blew up in the previous update show here first, before any loss is computed.
+        self._stop_if_diverged(None if finite else "nan/inf log-probabilities or values of the policy's own samples")
+        # A sample skipped for a non-finite reward takes no part in advantages or losses.
+        mask = r.mask & ~r.skipped[:, None]
         kl_coef = self.kl_controller.value
         kl = kl_penalty(r.logprobs, r.ref_logprobs, args.kl_estimator) * r.mask
-        rewards, non_score_reward = shape_rewards(r.scores, kl, r.mask, kl_coef, args.whiten_rewards)
-        advantages, returns = compute_gae(rewards, r.values, r.mask, args.gamma, args.lam)
-        advantages = whiten(advantages, r.mask)
-        losses = self._train_on(r, advantages, returns)
+        rewards, non_score_reward = shape_rewards(r.scores, kl, mask, kl_coef, args.whiten_rewards)
+        advantages, returns = compute_gae(rewards, r.values, mask, args.gamma, args.lam)
+        advantages = whiten(advantages, mask)
+        losses = self._train_on(r, advantages, returns, mask)
         metrics = {**r.metrics(kl, non_score_reward, self.stop_token_id), **losses}
         metrics.update({f"reward/{name}": value for name, value in parts.items()})
         # Every process holds its own share of the batch: log the mean over all of them.
         metrics = {name: self._gather_mean(value) for name, value in metrics.items()}
+        metrics["reward/skipped"] = self._gather_sum(r.skipped.sum())
         metrics["objective/kl_coef"] = kl_coef
         self.kl_controller.update(metrics["objective/kl"], self.batch_size)
         return metrics
@@ -294,7 +353,7 @@ class PPOTrainer:
         """Run PPO updates until `num_updates` (or a health stop); resume from a checkpoint folder if given."""
         args = self.args
         if resume_from_checkpoint:
-            load_checkpoint(self.accelerator, self.state, resume_from_checkpoint)
+            load_checkpoint(self.accelerator, self.state, resume_from_checkpoint, self.checkpointed)
         else:
             torch.manual_seed(args.seed + 100003 * self.accelerator.process_index)
         if args.health_action == "stop":
@@ -303,7 +362,10 @@ class PPOTrainer:
         start_time, start_step = time.time(), self.state.global_step
         while self.state.global_step < self.num_updates:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            metrics = self.step()
+            try:
+                metrics = self.step()
+            except Diverged as diverged:
+                self._end_diverged(self.state.global_step + 1, str(diverged))
             self.lr_scheduler.step()
             self.state.global_step += 1
             self.state.epoch = self.state.global_step / self.batches_per_epoch
@@ -315,6 +377,9 @@ class PPOTrainer:
                     "eps": episodes / (time.time() - start_time),
                 }
             )
+            nonfinite = self.health.nonfinite_metric(metrics)
+            if nonfinite is not None:
+                self._end_diverged(self.state.global_step, nonfinite)
             problems = self.health.check(metrics)
             metrics["health/ok"] = float(not problems)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
@@ -326,7 +391,7 @@ class PPOTrainer:
                 if self.stopped_by_health:
                     break
             if self.control.should_save:
-                save_checkpoint(self.accelerator, self.state, args.output_dir, args.save_total_limit)
+                save_checkpoint(self.accelerator, self.state, args.output_dir, args.save_total_limit, self.checkpointed)
                 if self._last_good is not None:
                     self._last_good = self._snapshot()
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
@@ -343,6 +408,12 @@ class PPOTrainer:
             "episodes_per_second": round(episodes / max(runtime, 1e-9), 3),
             "stopped_by_health": self.stopped_by_health,
         }
+
+    def _end_diverged(self, update: int, problem: str) -> NoReturn:
+        """Stop with one line; no checkpoint was written after the last good one, so output_dir holds it."""
+        raise TrainingStopped(
+            divergence_message(f"update {update}", problem, self.args.output_dir, self.args.learning_rate)
+        )
 
     def _on_health_problem(self, problems: list[str]) -> None:
         event = {"step": self.state.global_step, "problems": problems, "action": self.args.health_action}

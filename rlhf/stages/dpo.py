@@ -5,17 +5,19 @@ accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.dpo r
 
 The reference model is TRL's default: a frozen copy of the starting checkpoint, or, with
 `use_peft: true`, the same model with its adapters disabled (no second copy in memory). LoRA
-adapters are merged into the base on save, so the output loads as a plain causal LM.
+adapters are merged into the base on save, so the output loads as a plain causal LM. A NaN/inf loss
+or gradient norm, or one above `max_grad_norm_alarm`, stops the run before a broken checkpoint is written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 from trl import DPOConfig, DPOTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
-from rlhf.callbacks import regularization_callbacks
+from rlhf.callbacks import DivergenceArguments, stage_callbacks
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
@@ -23,9 +25,14 @@ from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenize
 from rlhf.recipe import parse_recipe
 
 
+@dataclass
+class DPOStageConfig(DPOConfig, DivergenceArguments):
+    """DPOConfig plus the gradient-norm alarm."""
+
+
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
     """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
-    return parse_recipe(argv, DPOConfig, stage="dpo", produced=produced)
+    return parse_recipe(argv, DPOStageConfig, stage="dpo", produced=produced)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=regularization_callbacks(model_args),
+        callbacks=stage_callbacks(model_args, training_args),
     )
 
     eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}
@@ -56,7 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     finish_stage(
         trainer,
         recipe,
-        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
+        {
+            "train": train_result.metrics,
+            "eval_before": eval_before,
+            "eval": eval_after,
+            "data": data_report,
+            "resumed_from": resume_from,
+        },
         final_dir,
     )
 

@@ -7,34 +7,103 @@ For each prompt the policy samples `num_generations` completions; each is scored
 source (`reward_model_path`, then `reward_funcs`, weighted by `reward_weights`) and its
 advantage is its reward relative to its group. `beta > 0` adds a KL penalty to the starting model
 (with LoRA, the adapter-disabled policy serves as that reference).
+
+A NaN/inf reward stops the run or, with `nonfinite_rewards: skip`, leaves the sample out (TRL's
+treatment of a completion no source could score: advantage 0, outside its group's baseline); a
+reward beyond ±`max_abs_reward` is clipped. A NaN/inf loss or gradient norm, or one above
+`max_grad_norm_alarm`, stops the run before a broken checkpoint is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import functools
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+from accelerate.utils import gather
 from trl import GRPOConfig, GRPOTrainer, get_peft_config
+from trl.trainer.utils import is_async_callable
 
 from rlhf.artifacts import finish_stage, start_stage
-from rlhf.callbacks import regularization_callbacks
+from rlhf.callbacks import DivergenceArguments, stage_callbacks
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
 from rlhf.recipe import parse_recipe
-from rlhf.rewards import RewardSourceArguments, resolve_reward_sources
+from rlhf.rewards import RewardGuard, RewardSourceArguments, resolve_reward_sources, reward_source_name
 
 
 @dataclass
-class GRPOStageConfig(GRPOConfig, RewardSourceArguments):
-    """GRPOConfig plus the reward sources (reward_model_path, reward_funcs, reward_min_accuracy)."""
+class GRPOStageConfig(GRPOConfig, RewardSourceArguments, DivergenceArguments):
+    """GRPOConfig plus the reward sources and their checks, and the gradient-norm alarm."""
+
+
+class CheckedRewards:
+    """A mixin for TRL's GRPOTrainer and RLOOTrainer: the recipe's checks on every reward value (`RewardGuard`).
+
+    TRL's `_calculate_rewards` returns the rewards of every process (samples × sources, gathered), so
+    checking its result covers the reward models TRL runs itself as well as functions, and every
+    process decides alike. Reward functions are wrapped only to tell a None they returned ("no reward
+    for this sample", which TRL allows) from a NaN: TRL turns both into NaN.
+    """
+
+    def __init__(self, *args: Any, reward_funcs: list, reward_guard: RewardGuard, **kwargs: Any) -> None:
+        self.reward_guard = reward_guard
+        self._returned_none: dict[int, list[bool]] = {}
+        noted = [self._noting_none(i, f) if callable(f) else f for i, f in enumerate(reward_funcs)]
+        super().__init__(*args, reward_funcs=noted, **kwargs)
+
+    def _noting_none(self, index: int, function: Callable[..., Any]) -> Callable[..., Any]:
+        """`function` (sync or async, name kept for TRL's log keys), noting where it returned None."""
+        if is_async_callable(function):
+
+            @functools.wraps(function)
+            async def noting_async(*args: Any, **kwargs: Any) -> list[float | None]:
+                values = await function(*args, **kwargs)
+                self._returned_none[index] = [v is None for v in values]
+                return values
+
+            return noting_async
+
+        @functools.wraps(function)
+        def noting(*args: Any, **kwargs: Any) -> list[float | None]:
+            values = function(*args, **kwargs)
+            self._returned_none[index] = [v is None for v in values]
+            return values
+
+        return noting
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        missing = torch.zeros(len(prompts), rewards.shape[1], device=rewards.device)
+        for index, flags in self._returned_none.items():
+            missing[:, index] = torch.tensor(flags, dtype=missing.dtype, device=missing.device)
+        self._returned_none.clear()
+        training = self.model.training
+        mode = "train" if training else "eval"
+        where = f"step {self.state.global_step + 1}" if training else f"evaluation at step {self.state.global_step}"
+        rewards, skipped = self.reward_guard.check(rewards, gather(missing), where, record=training)
+        rewards[skipped] = float("nan")  # no source scores it: TRL gives it advantage 0, outside the baseline
+        self._metrics[mode]["rewards/skipped"].append(float(skipped.sum()))
+        return rewards
+
+
+class CheckedGRPOTrainer(CheckedRewards, GRPOTrainer):
+    """TRL's GRPOTrainer with the recipe's reward checks."""
 
 
 def train_online_rl(recipe: Recipe, trainer_class: type) -> None:
     """The GRPO/RLOO stage body: TRL's two group-sampling trainers take the same arguments."""
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
-    reward_funcs = resolve_reward_sources(training_args)
+    reward_funcs = resolve_reward_sources(training_args, allow_pickle=model_args.allow_pickle_weights)
+    reward_guard = RewardGuard(
+        [reward_source_name(source) for source in reward_funcs],
+        training_args.nonfinite_rewards,
+        training_args.max_abs_reward,
+    )
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", training_args.seed)
 
@@ -48,12 +117,13 @@ def train_online_rl(recipe: Recipe, trainer_class: type) -> None:
     trainer = trainer_class(
         model=model,
         reward_funcs=reward_funcs,
+        reward_guard=reward_guard,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if evaluate else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=regularization_callbacks(model_args),
+        callbacks=stage_callbacks(model_args, training_args),
     )
 
     eval_before = evaluate_before_training(trainer) if evaluate else {}
@@ -63,7 +133,14 @@ def train_online_rl(recipe: Recipe, trainer_class: type) -> None:
     finish_stage(
         trainer,
         recipe,
-        {"train": train_result.metrics, "eval_before": eval_before, "eval": eval_after, "data": data_report},
+        {
+            "train": train_result.metrics,
+            "eval_before": eval_before,
+            "eval": eval_after,
+            "reward_checks": reward_guard.summary(),
+            "data": data_report,
+            "resumed_from": resume_from,
+        },
         final_dir,
     )
 
@@ -74,7 +151,7 @@ def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Reci
 
 
 def main(argv: list[str] | None = None) -> None:
-    train_online_rl(parse(argv), GRPOTrainer)
+    train_online_rl(parse(argv), CheckedGRPOTrainer)
 
 
 if __name__ == "__main__":

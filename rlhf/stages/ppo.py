@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from trl import ModelConfig, get_peft_config
+from transformers import set_seed
+from trl import get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import Recipe
+from rlhf.config import ModelArguments, Recipe
 from rlhf.data import prepare_datasets
 from rlhf.data.load import sources
 from rlhf.data.synthetic import rule_reward
@@ -31,10 +32,13 @@ from rlhf.rewards import RewardModelRecord, resolve_reward_sources, reward_model
 logger = logging.getLogger(__name__)
 
 
-def _sibling_model_args(model_args: ModelConfig, path: str) -> ModelConfig:
-    """ModelConfig for another checkpoint (reward/value model) with the policy's dtype and attention settings."""
-    return ModelConfig(
-        model_name_or_path=path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation
+def _sibling_model_args(model_args: ModelArguments, path: str) -> ModelArguments:
+    """Model arguments for another checkpoint (reward/value model): the policy's dtype, attention and pickle consent."""
+    return ModelArguments(
+        model_name_or_path=path,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        allow_pickle_weights=model_args.allow_pickle_weights,
     )
 
 
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, args = recipe.model, recipe.data, recipe.training
 
     # Every reward source is checked (and the reward model's quality gated) before any model loads.
-    reward_sources = resolve_reward_sources(args)
+    reward_sources = resolve_reward_sources(args, allow_pickle=model_args.allow_pickle_weights)
     reward_funcs = [source for source in reward_sources if callable(source)]
     record = reward_model_record(args.reward_model_path) if args.reward_model_path else RewardModelRecord()
     if args.reward_model_path and args.normalize_reward and record.stats is None:
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             args.reward_model_path,
         )
     if args.value_model_path:
-        check_model_source(args.value_model_path, "value_model_path")
+        check_model_source(args.value_model_path, "value_model_path", allow_pickle=model_args.allow_pickle_weights)
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", args.seed)
 
@@ -72,8 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         reward_model = load_sequence_classifier(
             reward_args, reward_tokenizer, trust_remote_code=recipe.trust_remote_code
         )
-    # The value model starts from the reward model (it already reads responses), else the policy + a new head.
+    # The value model starts from the reward model (it already reads responses), else the policy + a new head,
+    # drawn at load time: seeded, so a rerun (or a resume) starts from the same head.
     value_path = args.value_model_path or args.reward_model_path or model_args.model_name_or_path
+    set_seed(args.seed)
     value_model = load_sequence_classifier(
         _sibling_model_args(model_args, value_path), tokenizer, trust_remote_code=recipe.trust_remote_code
     )
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             "eval_before": eval_before,
             "eval": eval_after,
             "health": trainer.health_events,
+            "reward_checks": trainer.reward_checks,
             "reward_model_accuracy": record.accuracy,
             "reward_stats": record.stats,
             "data": data_report,

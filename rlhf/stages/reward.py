@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, set_seed
 from trl import RewardConfig, RewardTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
-from rlhf.callbacks import regularization_callbacks
+from rlhf.callbacks import DivergenceArguments, stage_callbacks
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
@@ -34,8 +34,8 @@ from rlhf.rewards import score_token_ids
 
 
 @dataclass
-class RewardStageConfig(RewardConfig):
-    """RewardConfig plus how many training pairs the reward statistics are computed on."""
+class RewardStageConfig(RewardConfig, DivergenceArguments):
+    """RewardConfig plus how many training pairs the reward statistics are computed on, and the gradient-norm alarm."""
 
     reward_stats_samples: int = 512
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=regularization_callbacks(model_args),
+        callbacks=stage_callbacks(model_args, training_args),
     )
     pad_id = tokenizer.pad_token_id
 
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             "eval_before": eval_before,
             "eval": eval_after,
             "data": data_report,
+            "resumed_from": resume_from,
         },
         final_dir,
     )

@@ -7,6 +7,7 @@ For each prompt the policy samples `num_generations` completions; each is scored
 source (`reward_model_path`, then `reward_funcs`, weighted by `reward_weights`), and its
 baseline is the mean reward of the other completions of the same prompt. `beta` weighs the KL
 penalty to the starting model (with LoRA, the adapter-disabled policy serves as that reference).
+Bad numbers (NaN/inf or huge rewards, a diverging loss or gradient) are handled as in GRPO.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ from dataclasses import dataclass
 
 from trl import RLOOConfig, RLOOTrainer
 
+from rlhf.callbacks import DivergenceArguments
 from rlhf.config import Recipe
 from rlhf.recipe import parse_recipe
 from rlhf.rewards import RewardSourceArguments
-from rlhf.stages.grpo import train_online_rl
+from rlhf.stages.grpo import CheckedRewards, train_online_rl
 
 
 @dataclass
-class RLOOStageConfig(RLOOConfig, RewardSourceArguments):
-    """RLOOConfig plus the reward sources (reward_model_path, reward_funcs, reward_min_accuracy)."""
+class RLOOStageConfig(RLOOConfig, RewardSourceArguments, DivergenceArguments):
+    """RLOOConfig plus the reward sources and their checks, and the gradient-norm alarm."""
+
+
+class CheckedRLOOTrainer(CheckedRewards, RLOOTrainer):
+    """TRL's RLOOTrainer with the recipe's reward checks."""
 
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
@@ -33,7 +39,7 @@ def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Reci
 
 
 def main(argv: list[str] | None = None) -> None:
-    train_online_rl(parse(argv), RLOOTrainer)
+    train_online_rl(parse(argv), CheckedRLOOTrainer)
 
 
 if __name__ == "__main__":
