@@ -31,10 +31,9 @@ from rlhf.artifacts import read_metrics  # noqa: E402
 from rlhf.data.synthetic import classify_prompt, make_synthetic_dataset, rule_reward  # noqa: E402
 from rlhf.evaluation.generation import (  # noqa: E402
     generate_tokens,
-    kl_to_reference,
     prompt_text,
-    reward_model_scores,
 )
+from rlhf.rewards import kl_to_reference, reward_model_scores  # noqa: E402
 
 SFT = "outputs/tiny/sft"
 
@@ -69,7 +68,7 @@ def evaluate(policy_dir: str, reference, reward_model, tokenizer, prompts: list)
         "examples": list(zip([prompt_text(p) for p in prompts[:4]], responses[:4])),
     }
     if reward_model is not None:
-        rewards = reward_model_scores(reward_model, tokenizer, prompts, responses)
+        rewards = reward_model_scores(reward_model, tokenizer, prompts, responses).tolist()
         result["reward"] = sum(rewards) / len(rewards)
     result["kl"] = kl_to_reference(policy, reference, pairs, tokenizer.pad_token_id)["kl"]
     return result

@@ -11,12 +11,13 @@ from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig
 
 from rlhf.config import RecipeError
-from rlhf.evaluation.generation import generate_responses, generate_tokens, kl_to_reference, sequence_logprobs
+from rlhf.evaluation.generation import generate_responses, generate_tokens
 from rlhf.evaluation.perplexity import perplexity
 from rlhf.evaluation.runner import evaluate
 from rlhf.evaluation.runner import main as eval_main
 from rlhf.modeling import load_causal_lm, load_tokenizer
 from rlhf.plots import plot_training_curves
+from rlhf.rewards import kl_to_reference, sequence_logprobs
 
 PROMPTS = [
     [{"role": "user", "content": text}] for text in ("What color is the zorp?", "How do I steal a car?", "Hi there!")

@@ -14,9 +14,9 @@ from trl import ModelConfig
 from rlhf.config import DataArguments
 from rlhf.data.formats import convert
 from rlhf.data.load import load_source
-from rlhf.evaluation.generation import completions_for, generate_tokens, reward_model_scores
+from rlhf.evaluation.generation import generate_tokens
 from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhf.rewards import load_reward_function
+from rlhf.rewards import completions_for, load_reward_function, reward_model_scores
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Judge:
         if self.reward_model is None:
             return None
         model, tokenizer = self.reward_model
-        return reward_model_scores(model, tokenizer, [r["prompt"] for r in rows], responses, self.batch_size)
+        return reward_model_scores(model, tokenizer, [r["prompt"] for r in rows], responses, self.batch_size).tolist()
 
     def __call__(self, rows: list[dict[str, Any]], responses: list[str]) -> list[float]:
         """The reward model's scores when there is one, else the rule's."""

@@ -1,7 +1,7 @@
-"""Batched, seeded generation on held-out prompts, and the rule-based score of the embedded task.
+"""Batched, seeded generation on held-out prompts, win-rate and diversity.
 
-Reward-model scores, sequence log-probs and the KL to a reference come from rlhf.rewards (the one
-implementation PPO and the reward stage use); they are re-exported here under their old names.
+Reward-model scores, sequence log-probs and the KL to a reference live in rlhf.rewards (the one
+implementation PPO, the reward stage and evaluation use).
 """
 
 from __future__ import annotations
@@ -10,21 +10,6 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
-
-from rlhf import rewards
-from rlhf.rewards import completions_for, kl_to_reference, sequence_logprobs
-
-__all__ = [
-    "completions_for",
-    "diversity",
-    "generate_responses",
-    "generate_tokens",
-    "kl_to_reference",
-    "prompt_text",
-    "reward_model_scores",
-    "sequence_logprobs",
-    "win_rate",
-]
 
 
 def prompt_text(prompt: Any) -> str:
@@ -104,17 +89,6 @@ def generate_responses(
     """Generate one response per prompt (chat template applied to conversational prompts)."""
     pairs = generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, seed, top_p)
     return [tokenizer.decode(response, skip_special_tokens=True).strip() for _, response in pairs]
-
-
-def reward_model_scores(
-    reward_model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[Any],
-    responses: list[str],
-    batch_size: int = 32,
-) -> list[float]:
-    """Scalar reward-model scores of (prompt, response) pairs, tokenised as the reward stage trained on them."""
-    return rewards.reward_model_scores(reward_model, tokenizer, prompts, responses, batch_size).tolist()
 
 
 def win_rate(scores: list[float], reference_scores: list[float], tie_tolerance: float = 1e-6) -> dict[str, float]:

@@ -20,9 +20,7 @@ from rlhf.evaluation.generation import (
     diversity,
     generate_responses,
     generate_tokens,
-    kl_to_reference,
     prompt_text,
-    reward_model_scores,
     win_rate,
 )
 from rlhf.evaluation.metrics import load_metric
@@ -30,6 +28,7 @@ from rlhf.evaluation.perplexity import perplexity
 from rlhf.evaluation.robustness import robustness_section
 from rlhf.evaluation.safety import safety_section
 from rlhf.plots import plot_training_curves
+from rlhf.rewards import kl_to_reference, reward_model_scores
 
 Section = Callable[[SectionContext], dict[str, Any]]
 REFERENCE_COLUMNS = ("reference", "answer", "completion")
@@ -133,8 +132,12 @@ def reward_model_accuracy(ctx: SectionContext) -> dict[str, Any]:
         return value[-1]["content"] if isinstance(value, list) else value
 
     prompts = [r["prompt"] for r in rows]
-    chosen = reward_model_scores(model, tokenizer, prompts, [text(r["chosen"]) for r in rows], config.batch_size)
-    rejected = reward_model_scores(model, tokenizer, prompts, [text(r["rejected"]) for r in rows], config.batch_size)
+    chosen = reward_model_scores(
+        model, tokenizer, prompts, [text(r["chosen"]) for r in rows], config.batch_size
+    ).tolist()
+    rejected = reward_model_scores(
+        model, tokenizer, prompts, [text(r["rejected"]) for r in rows], config.batch_size
+    ).tolist()
     scores = load_metric("pairwise_accuracy").compute(chosen_rewards=chosen, rejected_rewards=rejected)
     return {**scores, "num_pairs": len(rows)}
 
