@@ -13,6 +13,7 @@ import enum
 import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,14 +237,20 @@ def read_recipe_file(path: str) -> dict[str, Any]:
     return data
 
 
+def check_known_keys(keys: Iterable[str], known: Iterable[str], message: str) -> None:
+    """Refuse the first key not in `known`, naming the closest known one; `message` has a `{key}` slot."""
+    known = sorted(known)
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" Did you mean `{close[0]}`?" if close else " Remove it or check the spelling."
+            raise RecipeError(message.format(key=key) + hint)
+
+
 def parse_dataclass(cls: type, values: dict[str, Any], source: str = "recipe") -> Any:
     """Build a plain dataclass (e.g. a command's config) from YAML values, with the recipe checks and hints."""
     types_by_name = field_types(cls)
-    for key in values:
-        if key not in types_by_name:
-            close = difflib.get_close_matches(key, sorted(types_by_name), n=1, cutoff=0.6)
-            hint = f" Did you mean `{close[0]}`?" if close else " Remove it or check the spelling."
-            raise RecipeError(f"unknown key `{key}` in {source}.{hint}")
+    check_known_keys(values, types_by_name, f"unknown key `{{key}}` in {source}.")
     kwargs = {k: _coerce(k, v, types_by_name[k]) for k, v in values.items()}
     try:
         return cls(**kwargs)

@@ -7,7 +7,6 @@ the recipe names, so a typo in a path fails here, in one line, before any model 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import sys
 from collections.abc import Collection
@@ -20,6 +19,7 @@ from rlhf.config import (
     ModelArguments,
     Recipe,
     RecipeError,
+    check_known_keys,
     field_types,
     parse_dataclass,
     parse_overrides,
@@ -90,12 +90,7 @@ def parse_recipe(
         raise RecipeError(
             f"stage: recipe {path} is for stage {named_stage!r}, not {stage!r}; run it with `rlhf train {path}`."
         )
-    known = set(all_types)
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f" Did you mean `{close[0]}`?" if close else " Remove it or check the spelling."
-            raise RecipeError(f"unknown recipe key `{key}` in {path}.{hint}")
+    check_known_keys(values, all_types, f"unknown recipe key `{{key}}` in {path}.")
     if not values.get("output_dir"):
         raise RecipeError(f"output_dir: missing in {path}; add e.g. `output_dir: outputs/{stage}`.")
     if not values.get("model_name_or_path"):
