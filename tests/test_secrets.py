@@ -116,7 +116,9 @@ def test_an_override_that_is_not_plain_yaml_is_one_recipe_error(value, tiny_chec
         tmp_path / "sft.yaml", **_sft_values(model_name_or_path=str(tiny_checkpoint), output_dir="out")
     )
     with pytest.raises(RecipeError, match="not a plain YAML value"):
-        sft.parse([str(recipe), f"--dataset_name={value}"])
+        sft.parse([str(recipe), f"--learning_rate={value}"])
+    # A text field takes the value as the literal text it is: no YAML, so no object is ever built.
+    assert parse_overrides(["--dataset_name", value], {"dataset_name": str}) == {"dataset_name": value}
     assert not (tmp_path / "pwned").exists()
 
 
