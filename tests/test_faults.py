@@ -188,3 +188,52 @@ def test_from_scratch_initialisation_is_seeded(tmp_path, tiny_checkpoint):
         weights.append(load_file(tmp_path / run_name / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all((weights[0][name] == weights[1][name]).all() for name in weights[0])
+
+
+KILL_RESUME_STAGES = {
+    "reward": {"dataset_name": "synthetic:preference", "max_length": 64, "reward_stats_samples": 16},
+    "dpo": {"dataset_name": "synthetic:preference", "max_length": 64},
+    "grpo": {
+        "dataset_name": "synthetic:prompts",
+        "reward_funcs": ["rlhf.data.synthetic:rule_reward"],
+        "num_generations": 4,
+        "max_completion_length": 8,
+    },
+}
+
+
+@pytest.mark.parametrize("stage", sorted(KILL_RESUME_STAGES))
+def test_kill_9_then_the_same_command_gives_the_uninterrupted_weights(stage, tmp_path, tiny_sft_checkpoint):
+    """SIGKILL after the first checkpoint, rerun: the final weights equal an uninterrupted run's."""
+    outputs = {}
+    for run_name in ("uninterrupted", "killed"):
+        out = tmp_path / run_name
+        recipe = write_recipe(
+            tmp_path / f"{run_name}.yaml",
+            stage=stage,
+            model_name_or_path=str(tiny_sft_checkpoint),
+            synthetic_num_examples=160,
+            max_eval_samples=8,
+            eval_strategy="no",
+            max_steps=16,
+            output_dir=str(out),
+            **{**FAST_TRAINING, "save_strategy": "steps", "save_steps": 2},
+            **KILL_RESUME_STAGES[stage],
+        )
+        command = [sys.executable, "-m", f"rlhf.stages.{stage}", str(recipe)]
+        if run_name == "killed":
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+            deadline = time.time() + 300
+            while time.time() < deadline and not list(
+                tmp_path.glob(f"{run_name}.incomplete/checkpoint-*/trainer_state.json")
+            ):
+                assert process.poll() is None, "the stage ended before it could be killed"
+                time.sleep(0.1)
+            process.kill()
+            process.wait()
+            assert not out.exists()
+        subprocess.run(command, stdout=subprocess.DEVNULL, env=ENV, check=True, timeout=600)
+        outputs[run_name] = load_file(out / "model.safetensors")
+    assert yaml.safe_load((tmp_path / "killed" / "metrics.json").read_text())["resumed_from"]
+    for name, tensor in outputs["uninterrupted"].items():
+        assert (outputs["killed"][name] == tensor).all(), f"{stage}: {name} differs after kill -9 and resume"
