@@ -67,7 +67,7 @@ def _lock_path(output_dir: Path) -> Path:
 
 @contextmanager
 def output_lock(output_dir: str | Path) -> Iterator[None]:
-    """Hold `<output_dir>.lock` for the block; a second holder fails at once, naming the first."""
+    """Hold `.<name>.lock` beside `output_dir` for the block; a second holder fails at once, naming the first."""
     acquire_output_lock(output_dir)
     try:
         yield
@@ -76,7 +76,7 @@ def output_lock(output_dir: str | Path) -> Iterator[None]:
 
 
 def acquire_output_lock(output_dir: str | Path) -> None:
-    """Take `<output_dir>.lock` (non-blocking) and record who holds it; RecipeError when another run does."""
+    """Take `.<name>.lock` beside `output_dir` (non-blocking) and record who holds it; RecipeError when another run does."""
     path = Path(output_dir)
     if str(path) in _held_locks:
         return  # this process holds it already (a stage rerun in the same process after an error)

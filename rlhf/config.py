@@ -237,20 +237,20 @@ def read_recipe_file(path: str) -> dict[str, Any]:
     return data
 
 
-def check_known_keys(keys: Iterable[str], known: Iterable[str], message: str) -> None:
-    """Refuse the first key not in `known`, naming the closest known one; `message` has a `{key}` slot."""
+def check_known_keys(keys: Iterable[str], known: Iterable[str], kind: str, source: str) -> None:
+    """Refuse the first key not in `known` (`unknown <kind> `x` in <source>.`), naming the closest known one."""
     known = sorted(known)
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f" Did you mean `{close[0]}`?" if close else " Remove it or check the spelling."
-            raise RecipeError(message.format(key=key) + hint)
+            raise RecipeError(f"unknown {kind} `{key}` in {source}.{hint}")
 
 
 def parse_dataclass(cls: type, values: dict[str, Any], source: str = "recipe") -> Any:
     """Build a plain dataclass (e.g. a command's config) from YAML values, with the recipe checks and hints."""
     types_by_name = field_types(cls)
-    check_known_keys(values, types_by_name, f"unknown key `{{key}}` in {source}.")
+    check_known_keys(values, types_by_name, "key", source)
     kwargs = {k: _coerce(k, v, types_by_name[k]) for k, v in values.items()}
     try:
         return cls(**kwargs)

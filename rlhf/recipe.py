@@ -90,7 +90,7 @@ def parse_recipe(
         raise RecipeError(
             f"stage: recipe {path} is for stage {named_stage!r}, not {stage!r}; run it with `rlhf train {path}`."
         )
-    check_known_keys(values, all_types, f"unknown recipe key `{{key}}` in {path}.")
+    check_known_keys(values, all_types, "recipe key", path)
     if not values.get("output_dir"):
         raise RecipeError(f"output_dir: missing in {path}; add e.g. `output_dir: outputs/{stage}`.")
     if not values.get("model_name_or_path"):
