@@ -27,6 +27,7 @@ from filelock import FileLock, Timeout
 from safetensors import safe_open
 
 from rlhf.config import RecipeError
+from rlhf.entrypoint import FAILURE_HOOKS
 from rlhf.publish import publish_if_requested
 
 INCOMPLETE_SUFFIX = ".incomplete"
@@ -36,6 +37,7 @@ OUTPUT_MARKER = ".rlhf-output"
 # What earlier rlhf versions left in their outputs (before the marker existed).
 LEGACY_OUTPUT_FILES = (METRICS_FILE, "eval.json", "compress_report.json", "top_tokens.json", "lineage.json")
 _held_locks: dict[str, FileLock] = {}
+_started: dict[Path, Path] = {}  # final output dir → its .incomplete, for stages started and not finished
 
 
 def is_rlhf_output(path: str | Path) -> bool:
@@ -44,8 +46,28 @@ def is_rlhf_output(path: str | Path) -> bool:
     return any((path / name).exists() for name in (OUTPUT_MARKER, *LEGACY_OUTPUT_FILES))
 
 
-def check_output_dir(output_dir: str | Path, field: str = "output_dir", inputs: tuple[str, ...] = ()) -> None:
-    """Refuse an output folder rlhf would have to delete or overwrite without owning it, before anything loads."""
+def finished_stage(path: str | Path) -> dict[str, Any] | None:
+    """The metrics.json of a training stage's finished output at `path` (None when it is not one)."""
+    try:
+        metrics = json.loads((Path(path) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and "stage" in metrics else None
+
+
+def check_output_dir(
+    output_dir: str | Path,
+    field: str = "output_dir",
+    inputs: tuple[str, ...] = (),
+    writer: str | None = None,
+    recipe_file: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Refuse an output folder rlhf would have to delete or overwrite without owning it, before anything loads.
+
+    `writer` (a stage or command name) also protects finished training outputs: a command never
+    replaces one, and a stage replaces only its own recipe's output unless `overwrite` is set.
+    """
     path = Path(output_dir).expanduser()
     resolved = path.resolve()
     if resolved == Path(resolved.anchor) or resolved in (Path.cwd().resolve(), Path.home().resolve()):
@@ -58,6 +80,18 @@ def check_output_dir(output_dir: str | Path, field: str = "output_dir", inputs: 
                 f"{field}: {str(folder)!r} exists and was not written by rlhf; rlhf would replace it, so it "
                 "refuses. Choose a new folder, or move your files away."
             )
+    written = finished_stage(path) if writer else None
+    if written is None or overwrite:
+        return
+    source = written.get("recipe_file")
+    same_recipe = recipe_file is not None and (source is None or source == str(Path(recipe_file).resolve()))
+    if written["stage"] != writer or not same_recipe:
+        origin = f" from {source}" if source else ""
+        fix = "pass --overwrite_output_dir true to replace it" if recipe_file else "write to a new folder"
+        raise RecipeError(
+            f"{field}: {str(output_dir)!r} holds a finished {written['stage']} output{origin}; rlhf will not "
+            f"overwrite it. Choose another {field}, or {fix}."
+        )
 
 
 def _lock_path(output_dir: Path) -> Path:
@@ -153,8 +187,27 @@ def start_stage(training_args: Any) -> tuple[Path, str | None]:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / OUTPUT_MARKER).touch()
     training_args.output_dir = str(tmp)
+    _started[final] = tmp
     resume = training_args.resume_from_checkpoint or last_complete_checkpoint(tmp)
     return final, resume
+
+
+def abandon_started_stages() -> None:
+    """After a stage failed: delete its `.incomplete` unless it holds a checkpoint to resume from; free its lock.
+
+    A run that fails before its first checkpoint (a bad setting found late, a crash, Ctrl-C) leaves
+    nothing behind; one with checkpoints keeps them, so the same command resumes.
+    """
+    for final, tmp in list(_started.items()):
+        _started.pop(final)
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue
+        if tmp.is_dir() and last_complete_checkpoint(tmp) is None and is_rlhf_output(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        release_output_lock(final)
+
+
+FAILURE_HOOKS.append(abandon_started_stages)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -239,11 +292,13 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
         (tmp / "training_args.bin").unlink(missing_ok=True)
         if metrics.get("resumed_from"):
             metrics = with_whole_run_figures(metrics, trainer.state.log_history)
-        write_json(tmp / METRICS_FILE, {"stage": recipe.stage, **metrics})
+        recipe_file = str(Path(recipe.path).resolve()) if recipe.path else None
+        write_json(tmp / METRICS_FILE, {"stage": recipe.stage, "recipe_file": recipe_file, **metrics})
         with open(tmp / RECIPE_FILE, "w") as handle:
             # A token must never land in a file that gets uploaded.
             yaml.safe_dump({k: v for k, v in recipe.resolved.items() if k != "hub_token"}, handle, sort_keys=False)
         move_into_place(tmp, final)
+        _started.pop(final, None)
         # push_to_hub: upload the finished output once; the token lives on the Recipe, never in trainer.args.
         publish_if_requested(final, trainer.args, token=recipe.hub_token)
         release_output_lock(final)

@@ -87,6 +87,7 @@ class Recipe:
     # Kept out of `resolved` and of the training config, so it is never written to a file or pickled
     # into a checkpoint; only the final push (artifacts.finish_stage) reads it.
     hub_token: str | None = field(default=None, repr=False)
+    overwrite_output_dir: bool = False  # replace a finished output another stage or recipe wrote
 
     @property
     def trust_remote_code(self) -> bool:
@@ -116,6 +117,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if enums and isinstance(value, str):  # `SchedulerType | str`: the text must still name a member
             return _coerce(name, value, enums[0])
         errors = []
+        # A scalar fits a scalar option before it is wrapped into a one-element list.
+        options = sorted(
+            options, key=lambda option: typing.get_origin(option) in (list, tuple) or option in (list, tuple)
+        )
         for option in options:
             if option is type(None):
                 continue
@@ -133,6 +138,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, int | float):  # `--reward_weights 1.0`: a one-element list
+            value = [value]
         if not isinstance(value, list | tuple):
             raise RecipeError(f"{name}: got {value!r}, expected a list (YAML `[a, b]` or comma-separated).")
         return list(value)

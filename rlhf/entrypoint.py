@@ -10,12 +10,20 @@ from rlhf.config import RecipeError
 from rlhf.distributed import shutdown_distributed
 
 RESUME_HINT = "finished outputs are intact; run the same command again to resume"
+# Called when a command fails, before its error is reported (artifacts registers the clean-up of
+# stage outputs started and not finished; this bottom layer cannot import it).
+FAILURE_HOOKS: list[Callable[[], None]] = []
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Call a command's main; a user mistake, Ctrl-C or a full disk prints one line instead of a traceback."""
     try:
-        main(argv)
+        try:
+            main(argv)
+        except BaseException:
+            for hook in FAILURE_HOOKS:
+                hook()
+            raise
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -16,37 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig
 
 from rlhf.artifacts import atomic_output_dir, check_output_dir
 from rlhf.config import RecipeError
+from rlhf.modeling import (
+    ADAPTER_CONFIG,
+    adapter_base,
+    align_generation_config,
+    check_model_source,
+    eos_token_ids,
+    is_adapter_dir,
+    load_causal_lm,
+    load_tokenizer,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    """True when `path` holds a PEFT adapter (LoRA, DoRA, …) rather than full weights."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(adapter_dir: str | Path, base: str | None = None) -> str:
-    """The base checkpoint an adapter applies to: `base` if given, else the one its adapter_config.json names."""
-    if base:
-        return base
-    with open(Path(adapter_dir) / ADAPTER_CONFIG) as handle:
-        named = json.load(handle).get("base_model_name_or_path")
-    if not named:
-        raise RecipeError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base_model_name_or_path; pass --base BASE_DIR.")
-    return named
-
-
 def check_checkpoint(path: str, base: str | None = None, field: str = "CHECKPOINT") -> None:
     """Fail early, with the fix, when a checkpoint (or an adapter's base) cannot be loaded."""
-    from rlhf.modeling import check_model_source
-
     if is_adapter_dir(path):
         check_model_source(adapter_base(path, base), field="--base (or the adapter's base_model_name_or_path)")
     else:
@@ -57,8 +48,6 @@ def load_for_inference(
     checkpoint: str, dtype: str | None = None, base: str | None = None, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a full checkpoint, or an adapter merged into its base, with a ready tokenizer, in eval mode."""
-    from rlhf.modeling import load_causal_lm, load_tokenizer
-
     check_checkpoint(checkpoint, base)
     adapter = is_adapter_dir(checkpoint)
     model_path = adapter_base(checkpoint, base) if adapter else checkpoint
@@ -71,22 +60,9 @@ def load_for_inference(
     # Stage outputs save the tokenizer next to the adapter; fall back to the base's.
     tokenizer_path = checkpoint if (Path(checkpoint) / "tokenizer_config.json").exists() else model_path
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=tokenizer_path), trust_remote_code)
-    fill_generation_config(model, tokenizer)
+    align_generation_config(model, tokenizer)
     model.eval()
     return model, tokenizer
-
-
-def fill_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give the model a generation config that stops on EOS and pads, keeping any EOS list it already has."""
-    if model.generation_config is None:
-        model.generation_config = GenerationConfig.from_model_config(model.config)
-    config = model.generation_config
-    if config.eos_token_id is None:
-        config.eos_token_id = tokenizer.eos_token_id
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def save_checkpoint(
@@ -151,7 +127,7 @@ def export(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write `checkpoint` to `output` as a self-contained inference folder (adapters merged, no training files)."""
-    check_output_dir(output, "--output", inputs=(checkpoint,))
+    check_output_dir(output, "--output", inputs=(checkpoint,), writer="export")
     # Re-saving through save_pretrained (rather than copying files) is what leaves metrics, trainer
     # state, optimizer files and pickled arguments behind, and writes standard safetensors shards.
     model, tokenizer = load_for_inference(checkpoint, None, base, trust_remote_code)
@@ -170,14 +146,6 @@ def export_main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--base", help="for an adapter: its base checkpoint (default: from adapter_config.json)")
     parser.add_argument("--trust-remote-code", action="store_true")
     return export(**vars(parser.parse_args(argv)))
-
-
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def _chat_prompt_ids(
@@ -211,7 +179,7 @@ def chat_main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_for_inference(args.checkpoint, None, args.base, args.trust_remote_code)
     torch.manual_seed(args.seed)
     interactive = sys.stdin.isatty()
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = eos_token_ids(model, tokenizer)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     budget = max_positions - args.max_new_tokens if max_positions else None
     start = [{"role": "system", "content": args.system}] if args.system else []

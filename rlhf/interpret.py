@@ -94,7 +94,7 @@ def attention(
     """Write layer_<i>.png grids and top_tokens.json for `text` under `output`."""
     if not text.strip():
         raise RecipeError('--text: empty; pass the text to look at, e.g. --text "What color is the zorp?".')
-    check_output_dir(output, "--output", inputs=(checkpoint,))
+    check_output_dir(output, "--output", inputs=(checkpoint,), writer="attention")
     check_model_source(checkpoint, "CHECKPOINT")
     args = ModelConfig(model_name_or_path=checkpoint, attn_implementation="eager")
     tokenizer = load_tokenizer(args, trust_remote_code)

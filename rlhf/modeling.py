@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -23,20 +25,6 @@ from transformers import (
 from trl import ModelConfig, get_quantization_config
 
 from rlhf.config import RecipeError
-
-# ChatML with the assistant turn (and its closing token, the EOS) wrapped in generation markers,
-# so SFT's assistant_only_loss trains the model to emit the stop token.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 
 # Files that torch.load unpickles; unpickling can run arbitrary code, safetensors cannot.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -79,6 +67,25 @@ def refuse_pickle_weights(names: Iterable[str], where: str, field: str = "model_
         )
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when `path` holds a PEFT adapter (LoRA, DoRA, …) rather than full weights."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(adapter_dir: str | Path, base: str | None = None) -> str:
+    """The base checkpoint an adapter applies to: `base` if given, else the one its adapter_config.json names."""
+    if base:
+        return base
+    with open(Path(adapter_dir) / ADAPTER_CONFIG) as handle:
+        named = json.load(handle).get("base_model_name_or_path")
+    if not named:
+        raise RecipeError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base_model_name_or_path; pass --base BASE_DIR.")
+    return named
+
+
 def _local_files(folder: str | Path) -> list[str]:
     return [p.name for p in Path(folder).iterdir() if p.is_file()]
 
@@ -86,6 +93,13 @@ def _local_files(folder: str | Path) -> list[str]:
 def check_model_source(name_or_path: str, field: str = "model_name_or_path", allow_pickle: bool = False) -> None:
     """Fail early, with the fix, when a checkpoint is missing, unreachable, or holds only pickled weights."""
     if os.path.isdir(name_or_path):
+        if is_adapter_dir(name_or_path) and not (Path(name_or_path) / "config.json").exists():
+            # A LoRA stage output or a user's adapter: loads as its base with the adapter merged in.
+            if not allow_pickle:
+                refuse_pickle_weights(_local_files(name_or_path), name_or_path, field)
+            base = adapter_base(name_or_path)
+            check_model_source(base, f"{field} (base_model_name_or_path of adapter {name_or_path})", allow_pickle)
+            return
         if not (Path(name_or_path) / "config.json").exists():
             raise RecipeError(
                 f"{field}: directory {name_or_path!r} has no config.json; point it at a saved checkpoint "
@@ -143,12 +157,72 @@ def warn_remote_code(name_or_path: str | Path, trust_remote_code: bool) -> None:
         print(f"warning: trust_remote_code: runs code from {name_or_path}", file=sys.stderr)
 
 
-def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make it ready for training: pad token, chat template, right padding."""
-    warn_remote_code(model_args.model_name_or_path, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+# Tokens that end a text in common vocabularies; a tokenizer without an EOS gets the first one it has.
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+_announced: set[str] = set()
+
+
+def plain_chat_template(eos_token: str) -> str:
+    """rlhf's template for base models: `Role:` lines of plain text, each answer ended by the EOS.
+
+    Built only from text and the tokenizer's own EOS, so every piece is in any vocabulary; the answer
+    and its EOS sit inside `{% generation %}`, so assistant-only loss trains the model to stop. The
+    prompt ends in a newline, so a completion tokenises the same alone as after its prompt.
+    """
+    eos = eos_token.replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'assistant' %}"
+        "{{ 'Assistant:\\n' }}{% generation %}{{ message['content'] + '" + eos + "' }}{% endgeneration %}{{ '\\n\\n' }}"
+        "{%- else %}"
+        "{{ message['role'] | capitalize + ':\\n' + message['content'] + '\\n\\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ 'Assistant:\\n' }}{%- endif %}"
     )
+
+
+def _announce_once(key: str, message: str) -> None:
+    # Once per process and source, and only on the main process of a multi-process launch.
+    if key not in _announced and os.environ.get("RANK", "0") == "0":
+        _announced.add(key)
+        print(message, file=sys.stderr)
+
+
+def _ensure_eos(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """Give a tokenizer without an EOS one: an end-of-text token its vocabulary has, else a new special token."""
+    if tokenizer.eos_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    found = next((token for token in END_OF_TEXT_TOKENS if token in vocab), None)
+    if found is not None:
+        tokenizer.eos_token = found
+        _announce_once(f"eos:{source}", f"note: {source} sets no EOS token; using {found!r} from its vocabulary.")
+    else:
+        # New special token: align_generation_config resizes the model's embeddings to match.
+        tokenizer.add_special_tokens({"eos_token": END_OF_TEXT_TOKENS[0]})
+        _announce_once(
+            f"eos:{source}",
+            f"note: {source} has no EOS token; added {END_OF_TEXT_TOKENS[0]!r} as a new special token "
+            "(the model's embeddings grow by one row).",
+        )
+
+
+def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make it ready for training: EOS, pad token, chat template.
+
+    A base model's tokenizer often has no chat template (GPT-2, OPT, Pythia) or no EOS (Pythia):
+    it gets an EOS from its own vocabulary and `plain_chat_template`, announced once.
+    An adapter folder without tokenizer files uses its base's tokenizer.
+    """
+    source = model_args.model_name_or_path
+    if is_adapter_dir(source) and not (Path(source) / "tokenizer_config.json").exists():
+        source = adapter_base(source)
+    warn_remote_code(source, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+    )
+    _ensure_eos(tokenizer, source)
     if tokenizer.pad_token is None:
         # Padding with EOS hides the stop token from the loss in some collators; prefer a distinct one.
         if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
@@ -156,8 +230,41 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> 
         else:
             tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = plain_chat_template(tokenizer.eos_token)
+        _announce_once(
+            f"template:{source}",
+            f'note: {source} has no chat template; using rlhf\'s plain one ("User:" / "Assistant:" lines, '
+            f"each answer ended by {tokenizer.eos_token!r}). Save a `chat_template` with the tokenizer to use yours.",
+        )
     return tokenizer
+
+
+def check_trainable_chat_template(
+    model_args: ModelConfig, chat_template_path: str | None = None, trust_remote_code: bool = False
+) -> None:
+    """For assistant-only loss: refuse, before any model loads, a template TRL cannot mark assistant tokens in."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    source = model_args.model_name_or_path
+    if not os.path.isdir(source):
+        return  # a Hub id: TRL checks it at training time
+    tokenizer = load_tokenizer(model_args, trust_remote_code)
+    where = f"the chat template of {source}"
+    if chat_template_path:
+        path = Path(chat_template_path)
+        if path.is_file():
+            tokenizer.chat_template = path.read_text()
+        elif path.is_dir():
+            tokenizer.chat_template = AutoTokenizer.from_pretrained(path).chat_template
+        where = f"the chat template in {chat_template_path}"
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        raise RecipeError(
+            f"assistant_only_loss: {where} has no {{% generation %}} markers and TRL cannot add them; set "
+            "`assistant_only_loss: false` (loss on whole conversations), or set `chat_template_path` to a .jinja "
+            "whose assistant content and end-of-turn token sit inside {% generation %}...{% endgeneration %}."
+        ) from None
 
 
 def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool = False) -> dict:
@@ -214,6 +321,16 @@ def load_causal_lm(
             model_args.model_name_or_path, trust_remote_code, getattr(model_args, "allow_pickle_weights", False)
         )
     _check_pickle_weights(model_args)
+    if is_adapter_dir(model_args.model_name_or_path) and not from_scratch:
+        from peft import PeftModel
+
+        adapter = model_args.model_name_or_path
+        base = load_causal_lm(
+            dataclasses.replace(model_args, model_name_or_path=adapter_base(adapter)), trust_remote_code
+        )
+        _announce_once(f"adapter:{adapter}", f"note: {adapter} is an adapter; merged into {adapter_base(adapter)}.")
+        # merge_and_unload folds B·A (and DoRA's magnitude) into each weight: a plain model from here on.
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
     warn_remote_code(model_args.model_name_or_path, trust_remote_code)
     kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
     if from_scratch:
@@ -242,14 +359,97 @@ def load_sequence_classifier(
     return model
 
 
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a response: the generation config's EOS ids plus the tokenizer's EOS."""
+    config = model.generation_config
+    ids = config.eos_token_id if config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def align_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Make generation stop on the tokenizer's EOS and pad with its pad token."""
+    """Make generation stop on every EOS (the config's and the tokenizer's) and pad with the tokenizer's pad.
+
+    A checkpoint's EOS list is kept whole (Qwen2 ends on `<|im_end|>` or `<|endoftext|>`, Llama-3 on
+    `<|eot_id|>` or `<|end_of_text|>`), and an EOS the config names is never replaced by None.
+    Embeddings grow when load_tokenizer added a token.
+    """
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and len(tokenizer) > embeddings.num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
     if model.generation_config is None:
         model.generation_config = GenerationConfig()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    stop_ids = eos_token_ids(model, tokenizer)
+    model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else (stop_ids or None)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model.config, "eos_token_id", None) is None:
+        model.config.eos_token_id = tokenizer.eos_token_id
+
+
+# A tokenizer trained on text like the data splits it into ~1.1–1.5 tokens per word; far more means
+# longer sequences (max_length cuts more) and a model that must learn words from pieces.
+MAX_TOKENS_PER_WORD = 2.0
+MAX_UNKNOWN_RATE = 0.01
+
+
+def _texts(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        yield from _texts(value.get("content", ""))
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+
+
+def check_tokenizer_fit(tokenizer: PreTrainedTokenizerBase, rows: Iterable[dict], num_rows: int = 200) -> dict:
+    """Tokens per word and unknown-token rate of a tokenizer on the first rows; one warning line when it fits badly."""
+    words = tokens = unknown = 0
+    for _, row in zip(range(num_rows), rows):
+        for text in (t for value in row.values() for t in _texts(value)):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            words += len(text.split())
+            tokens += len(ids)
+            unknown += sum(1 for i in ids if i == tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
+    fit = {
+        "tokens_per_word": round(tokens / words, 3) if words else 0.0,
+        "unknown_token_rate": round(unknown / tokens, 4) if tokens else 0.0,
+    }
+    if fit["tokens_per_word"] > MAX_TOKENS_PER_WORD or fit["unknown_token_rate"] > MAX_UNKNOWN_RATE:
+        _announce_once(
+            f"fit:{tokenizer.name_or_path}",
+            f"warning: the tokenizer of {tokenizer.name_or_path} fits this data badly ({fit['tokens_per_word']} "
+            f"tokens per word, {fit['unknown_token_rate']:.1%} unknown tokens; a tokenizer trained on similar text "
+            f"gives ~1.3 and 0%): sequences run long and max_length cuts more. Use a checkpoint whose tokenizer "
+            "covers this language.",
+        )
+    return fit
+
+
+def check_stop_token_trained(
+    trained_tokens: Iterable[list[int]],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    what: str,
+    fix: str,
+) -> None:
+    """Refuse to train when no trained token sequence of the first rows holds an EOS: the model would never stop.
+
+    `trained_tokens`: per row, the tokens that carry loss (SFT's assistant tokens, a preference
+    pair's completions); any of the model's EOS ids counts (Gemma ends turns on `<end_of_turn>`).
+    `what` names the sequences in the message and `fix` says what to change.
+    """
+    rows = list(trained_tokens)
+    stop_ids = set(eos_token_ids(model, tokenizer))
+    if not rows or any(stop_ids.intersection(tokens) for tokens in rows):
+        return
+    raise RecipeError(
+        f"the EOS token {tokenizer.eos_token!r} is in none of the first {len(rows)} {what}, so the model would "
+        f"not learn to stop; {fix}"
+    )
 
 
 def merge_adapters(trainer) -> bool:

@@ -83,13 +83,15 @@ def parse_recipe(
         raise RecipeError(f"usage: rlhf train RECIPE.yaml [--key value ...] (a recipe with `stage: {stage}`).")
     types_by_class = {name: field_types(cls) for name, cls in classes.items()}
     all_types = {k: v for types in types_by_class.values() for k, v in types.items()}
-    path, overrides = argv[0], parse_overrides(argv[1:], all_types)
+    path, overrides = argv[0], parse_overrides(argv[1:], {**all_types, "overwrite_output_dir": bool})
     values = {**read_recipe_file(path), **overrides}
     named_stage = values.pop("stage", stage)
     if named_stage != stage:
         raise RecipeError(
             f"stage: recipe {path} is for stage {named_stage!r}, not {stage!r}; run it with `rlhf train {path}`."
         )
+    # transformers 5 dropped this TrainingArguments key; here it lets a stage replace another's finished output.
+    overwrite = _coerce_flag("overwrite_output_dir", values.pop("overwrite_output_dir", False))
     check_known_keys(values, all_types, "recipe key", path)
     if not values.get("output_dir"):
         raise RecipeError(f"output_dir: missing in {path}; add e.g. `output_dir: outputs/{stage}`.")
@@ -110,9 +112,15 @@ def parse_recipe(
         # finished output once instead (artifacts.finish_stage → publish.publish_if_requested).
         built["training"].push_to_hub = False
     resolved = {"stage": stage, **values}
-    recipe = Recipe(stage, built["model"], built["data"], built["training"], resolved, path, hub_token=hub_token)
+    recipe = Recipe(stage, built["model"], built["data"], built["training"], resolved, path, hub_token, overwrite)
     check_recipe(recipe, produced)
     return recipe
+
+
+def _coerce_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{name}: got {value!r}, expected true or false.")
+    return value
 
 
 def recipe_keys_help(stage: str, classes: list[type]) -> str:
@@ -132,6 +140,8 @@ def recipe_keys_help(stage: str, classes: list[type]) -> str:
             tp = field_types(cls)[item.name]
             type_name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
             lines.append(f"    {item.name}: {type_name} = {default[:60]}")
+    lines.append("  from rlhf (the recipe itself):")
+    lines.append("    overwrite_output_dir: bool = False  (replace a finished output another stage or recipe wrote)")
     return "\n".join(lines)
 
 
@@ -160,7 +170,12 @@ def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
             if isinstance(value, str) and value and str(Path(value)) not in pending:
                 check_model_source(value, name, allow_pickle=recipe.model.allow_pickle_weights)
     check_data_sources(recipe.data)
-    check_output_dir(recipe.training.output_dir)
+    check_output_dir(
+        recipe.training.output_dir,
+        writer=recipe.stage,
+        recipe_file=recipe.path,
+        overwrite=recipe.overwrite_output_dir,
+    )
     check_trainable(recipe.training)
     template = getattr(recipe.training, "chat_template_path", None)
     if template and not Path(template).exists() and template.startswith((".", "/")):

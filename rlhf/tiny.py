@@ -14,8 +14,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlhf.artifacts import atomic_output_dir, check_output_dir
 from rlhf.data.synthetic import corpus_for_tokenizer
-from rlhf.modeling import CHAT_TEMPLATE, align_generation_config
+from rlhf.modeling import align_generation_config
 
+# The tiny world's template: ChatML with the assistant turn (and its closing token, the EOS) wrapped
+# in generation markers, so SFT's assistant_only_loss trains the model to emit the stop token.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 EXTRA_SPECIAL_TOKENS = ["<|im_start|>"]
 
@@ -50,7 +62,7 @@ def build_tiny_checkpoint(
     A Llama config keeps our tokenizer as is (a Qwen2 config would make AutoTokenizer swap in
     Qwen2Tokenizer and change token ids).
     """
-    check_output_dir(output, "OUTPUT_DIR")
+    check_output_dir(output, "OUTPUT_DIR", writer="tiny-checkpoint")
     torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer(vocab_size)
     config = LlamaConfig(

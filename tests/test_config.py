@@ -121,6 +121,21 @@ def test_command_line_values_are_read_by_the_field_type(tmp_path, tiny_checkpoin
     assert parse_overrides(["--eval_strategy", '"no"'], {"eval_strategy": str}) == {"eval_strategy": "no"}
 
 
+def test_one_number_for_a_list_field_is_a_one_element_list(tmp_path, tiny_checkpoint):
+    from rlhf.stages import grpo
+
+    recipe = write_recipe(
+        tmp_path / "grpo.yaml",
+        stage="grpo",
+        model_name_or_path=str(tiny_checkpoint),
+        dataset_name="synthetic:prompts",
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        output_dir=str(tmp_path / "out"),
+    )
+    assert grpo.parse([str(recipe), "--reward_weights", "1.0"]).training.reward_weights == [1.0]
+    assert grpo.parse([str(recipe), "--reward_weights", "[2, 1]"]).training.reward_weights == [2, 1]
+
+
 def test_help_lists_the_stages_and_a_stage_s_keys(capsys):
     from rlhf.cli import main
 

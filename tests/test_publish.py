@@ -84,7 +84,8 @@ def test_stage_push_to_hub_uploads_the_finished_output_once(pushed_stage):
     assert [c["repo_id"] for c in hub.commits] == ["me/tiny-sft-lora"]
     uploaded = hub.files["me/tiny-sft-lora"]
     assert set(uploaded) == set(files_to_upload(out))
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "recipe.yaml"} <= set(uploaded)
+    # LoRA adapters are merged on save: the output is a plain checkpoint.
+    assert {"model.safetensors", "config.json", "README.md", "recipe.yaml"} <= set(uploaded)
     assert all(uploaded[name] == (out / name).read_bytes() for name in uploaded)
     assert not any(name.startswith("checkpoint-") or name.endswith(".bin") for name in uploaded)
     # The token authenticates the upload but never lands in a file.
@@ -134,7 +135,7 @@ def test_publish_uploads_only_model_files_and_lists_what_it_skipped(pushed_stage
     local = _digests(out)
     uploaded = hub.files["me/tiny"]
     plots = {name for name in local if name.startswith("plots/") and name.endswith(".png")}
-    model_files = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"}
+    model_files = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
     records = {"README.md", "recipe.yaml", "metrics.json", "eval.json", "lineage.json", "chat_template.jinja"}
     assert plots and set(uploaded) == set(files) == model_files | records | plots
     assert not any(b"hf_UNTRUSTED" in data or b"hf_OLDTOKEN" in data for data in uploaded.values())

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from rlhf.modeling import eos_token_ids
+
 
 def prompt_text(prompt: Any) -> str:
     """The user text of a plain or conversational prompt."""
@@ -19,18 +21,22 @@ def prompt_text(prompt: Any) -> str:
     return prompt
 
 
+def as_messages(prompt: Any) -> list[dict[str, str]]:
+    """Evaluation's one prompt rule: a plain-text prompt is a user turn; a conversation is used as it is."""
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
 def _prompt_strings(tokenizer: PreTrainedTokenizerBase, prompts: list[Any]) -> list[str]:
-    return [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-        for p in prompts
-    ]
+    # Every tokenizer rlhf loads has a chat template (load_tokenizer gives base models one).
+    return [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
 
 
-def _trim(tokens: list[int], eos_token_id: int | None, pad_token_id: int | None) -> list[int]:
-    """Generated ids up to and including the first EOS, without padding."""
-    if eos_token_id is not None and eos_token_id in tokens:
-        tokens = tokens[: tokens.index(eos_token_id) + 1]
-    if pad_token_id is not None and pad_token_id != eos_token_id:
+def _trim(tokens: list[int], stop_ids: list[int], pad_token_id: int | None) -> list[int]:
+    """Generated ids up to and including the first stop token, without padding."""
+    stops = [i for i, token in enumerate(tokens) if token in stop_ids]
+    if stops:
+        tokens = tokens[: stops[0] + 1]
+    if pad_token_id is not None and pad_token_id not in stop_ids:
         tokens = [t for t in tokens if t != pad_token_id]
     return tokens
 
@@ -50,6 +56,7 @@ def generate_tokens(
     """Generate one response per prompt; return (prompt ids, response ids up to and including EOS) pairs."""
     set_seed(seed)
     model.eval()
+    stop_ids = eos_token_ids(model, tokenizer)  # every end of turn the checkpoint knows, not only the tokenizer's
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pairs: list[tuple[list[int], list[int]]] = []
     try:
@@ -64,12 +71,12 @@ def generate_tokens(
                 top_k=None,
                 top_p=top_p if do_sample else None,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids,
             )
             width = encoded["input_ids"].shape[1]
             for ids, mask, row in zip(encoded["input_ids"], encoded["attention_mask"], output):
                 prompt_ids = ids[mask.bool()].tolist()
-                pairs.append((prompt_ids, _trim(row[width:].tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id)))
+                pairs.append((prompt_ids, _trim(row[width:].tolist(), stop_ids, tokenizer.pad_token_id)))
     finally:
         tokenizer.padding_side = padding_side
     return pairs

@@ -138,7 +138,7 @@ def evaluate(
     checkpoints = [str(c) for c in checkpoints]
     config = eval_config(recipe, output, **overrides)
     output_dir = Path(config.output_dir or Path(checkpoints[0]) / "eval")
-    check_output_dir(output_dir, "--output", inputs=tuple(checkpoints))
+    check_output_dir(output_dir, "--output", inputs=tuple(checkpoints), writer="eval")
     evaluation = run_evaluation(checkpoints, config, output_dir)
     for name, result in evaluation["results"].items():
         summary = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if isinstance(v, int | float))

@@ -100,8 +100,7 @@ def safety_section(ctx: SectionContext) -> dict[str, Any]:
     suite = load_safety_suite(config.safety_suite)
     if config.num_safety_prompts is not None:
         suite = random.Random(config.seed).sample(suite, min(config.num_safety_prompts, len(suite)))
-    prompts = [[{"role": "user", "content": r["prompt"]}] for r in suite]
-    responses = generate_responses(ctx.model, ctx.tokenizer, prompts, **ctx.generation_kwargs)
+    responses = generate_responses(ctx.model, ctx.tokenizer, [r["prompt"] for r in suite], **ctx.generation_kwargs)
     by_category: dict[str, dict[str, Any]] = {}
     for row, response in zip(suite, responses):
         by_category.setdefault(row["category"], {**row, "response": response, "refused": is_refusal(response)})

@@ -7,12 +7,18 @@ records that the section could not run with this config; every other entry is st
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import yaml
 from datasets import Dataset
+from transformers import TrainingArguments
 
-from rlhf.config import RecipeError
+from rlhf.artifacts import RECIPE_FILE
+from rlhf.config import DataArguments, RecipeError
+from rlhf.data import prepare_datasets
 from rlhf.data.formats import convert
 from rlhf.data.synthetic import preferred_answer
 from rlhf.evaluation.context import SectionContext, load_rows, mean
@@ -115,17 +121,41 @@ def kl_section(ctx: SectionContext) -> dict[str, Any]:
     return {"metrics": {"kl": kl["kl"]}, "kl": {**kl, "reference": reference, "num_samples": len(samples)}}
 
 
+def held_out_pairs(config: Any) -> tuple[list[dict[str, Any]], str]:
+    """Preference pairs the reward model did not train on, and where they came from.
+
+    The synthetic world and Hub datasets have a test split. A local file is split the way the reward
+    stage split it: with the data settings and seed of the reward model's recipe.yaml (when it trained
+    on this file), else the defaults, so pairs it trained on are never scored as held out.
+    """
+    path = config.preference_dataset
+    if path.startswith("synthetic:") or not Path(path).exists():
+        rows = load_rows(path, config.preference_split, config.num_preference_pairs, config.seed, "preference_dataset")
+        return convert(
+            Dataset.from_list(rows), "preference", "preference_dataset"
+        ).to_list(), f"{path} [{config.preference_split}]"
+    recipe_file = Path(config.reward_model_path) / RECIPE_FILE
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
+    if recipe.get("dataset_name") != path:
+        recipe = {}  # trained on other data: this file is held out as a whole only if split the default way
+    data_fields = {f.name for f in dataclasses.fields(DataArguments)}
+    settings = {k: v for k, v in recipe.items() if k in data_fields and not k.startswith(("max_", "augment_"))}
+    data_args = DataArguments(**{**settings, "dataset_name": path})
+    seed = recipe.get("seed", TrainingArguments.seed)
+    _, held_out, _ = prepare_datasets(data_args, "preference", seed)
+    if held_out is None:
+        raise RecipeError(
+            f"preference_dataset: {path} has no held-out part (test_split_size is 0 in {recipe_file}); "
+            "pass a file of pairs the reward model did not train on."
+        )
+    return held_out.to_list(), f"{path} [held out: test_split_size={data_args.test_split_size}, seed={seed}]"
+
+
 def reward_model_accuracy(ctx: SectionContext) -> dict[str, Any]:
     """Pairwise accuracy of the reward model on held-out preference pairs."""
     config = ctx.config
-    rows = load_rows(
-        config.preference_dataset,
-        config.preference_split,
-        config.num_preference_pairs,
-        config.seed,
-        "preference_dataset",
-    )
-    rows = convert(Dataset.from_list(rows), "preference", "preference_dataset").to_list()[: config.num_preference_pairs]
+    rows, source = held_out_pairs(config)
+    rows = rows[: config.num_preference_pairs]
     model, tokenizer = ctx.judge.reward_model
 
     def text(value: Any) -> str:
@@ -139,7 +169,7 @@ def reward_model_accuracy(ctx: SectionContext) -> dict[str, Any]:
         model, tokenizer, prompts, [text(r["rejected"]) for r in rows], config.batch_size
     ).tolist()
     scores = load_metric("pairwise_accuracy").compute(chosen_rewards=chosen, rejected_rewards=rejected)
-    return {**scores, "num_pairs": len(rows)}
+    return {**scores, "num_pairs": len(rows), "pairs": source}
 
 
 def reward_model_section(ctx: SectionContext) -> dict[str, Any]:

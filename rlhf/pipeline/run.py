@@ -114,8 +114,15 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or skip) every stage; return the per-stage summary written to `<output_dir>/.pipeline/run.json`."""
+    fresh = not pipeline.state_dir.exists()
     with output_lock(pipeline.state_dir):  # one run per pipeline folder
-        return _run_pipeline(pipeline, only, start, force, echo)
+        try:
+            return _run_pipeline(pipeline, only, start, force, echo)
+        except BaseException:
+            # A first run that failed before any stage finished leaves no state behind to mislead the next.
+            if fresh and not any((pipeline.state_dir / "stages").glob("*.json")):
+                shutil.rmtree(pipeline.state_dir, ignore_errors=True)
+            raise
 
 
 def _run_pipeline(

@@ -32,7 +32,7 @@ from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
 from rlhf.config import ModelArguments, Recipe, RecipeError
 from rlhf.data import prepare_datasets
-from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
+from rlhf.modeling import align_generation_config, check_tokenizer_fit, load_causal_lm, load_tokenizer
 from rlhf.recipe import parse_recipe
 
 MODES = ("offline", "on_policy", "gkd")
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, target, training_args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    data_report["tokenizer_fit"] = check_tokenizer_fit(tokenizer, train_dataset)
     teacher_args = ModelArguments(
         model_name_or_path=training_args.teacher_model_name_or_path,
         dtype=model_args.dtype,

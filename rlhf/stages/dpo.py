@@ -21,7 +21,14 @@ from rlhf.callbacks import DivergenceArguments, stage_callbacks
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
-from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
+from rlhf.modeling import (
+    align_generation_config,
+    check_stop_token_trained,
+    check_tokenizer_fit,
+    load_causal_lm,
+    load_tokenizer,
+    merge_adapters,
+)
 from rlhf.recipe import parse_recipe
 
 
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "preference", training_args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    data_report["tokenizer_fit"] = check_tokenizer_fit(tokenizer, train_dataset)
     model = load_causal_lm(model_args, recipe.trust_remote_code)
     align_generation_config(model, tokenizer)
 
@@ -54,6 +62,15 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         callbacks=stage_callbacks(model_args, training_args),
+    )
+    rows = trainer.train_dataset.select(range(min(8, len(trainer.train_dataset))))
+    check_stop_token_trained(
+        [row[side] for row in rows for side in ("chosen_ids", "rejected_ids")],
+        model,
+        tokenizer,
+        "chosen/rejected completions",
+        "end each completion with the EOS (the chat template's end of an assistant turn), or raise max_length if "
+        "long completions are cut before it.",
     )
 
     eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}

@@ -19,7 +19,7 @@ from rlhf.callbacks import regularization_callbacks
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
-from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
+from rlhf.modeling import align_generation_config, check_tokenizer_fit, load_causal_lm, load_tokenizer, merge_adapters
 from rlhf.recipe import parse_recipe
 
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "language_modeling", training_args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    data_report["tokenizer_fit"] = check_tokenizer_fit(tokenizer, train_dataset)
     set_seed(training_args.seed)  # a from-scratch init must be the same in every run with this seed
     model = load_causal_lm(model_args, recipe.trust_remote_code, from_scratch=training_args.from_scratch)
     align_generation_config(model, tokenizer)
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     eval_after = trainer.evaluate() if eval_dataset is not None else {}
+    merge_adapters(trainer)
     finish_stage(
         trainer,
         recipe,

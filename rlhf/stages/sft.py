@@ -7,40 +7,56 @@ accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.sft r
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import Recipe, RecipeError
+from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
-from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
+from rlhf.modeling import (
+    align_generation_config,
+    check_stop_token_trained,
+    check_tokenizer_fit,
+    check_trainable_chat_template,
+    load_causal_lm,
+    load_tokenizer,
+    merge_adapters,
+)
 from rlhf.recipe import parse_recipe
 
 
 def check_stop_token_in_loss(trainer: SFTTrainer, num_rows: int = 8) -> None:
     """A model that never sees its stop token in the loss never learns to stop: refuse to train so."""
-    eos = trainer.processing_class.eos_token_id
     rows = trainer.train_dataset.select(range(min(num_rows, len(trainer.train_dataset))))
+    trained = []
     for row in rows:
         # TRL 1.16 turns assistant/completion masks into labels (-100 = no loss); older layouts keep the masks.
         if "labels" in row:
             mask = [label != -100 for label in row["labels"]]
         else:
             mask = row.get("assistant_masks") or row.get("completion_mask") or [1] * len(row["input_ids"])
-        if any(token == eos and m for token, m in zip(row["input_ids"], mask)):
-            return
-    raise RecipeError(
-        f"the EOS token {trainer.processing_class.eos_token!r} never falls inside the loss mask of the first "
-        f"{len(rows)} training rows, so the model would not learn to stop; put the EOS inside the chat "
-        "template's {% generation %} block, or set `eos_token` to the token that ends assistant turns."
+        trained.append([token for token, m in zip(row["input_ids"], mask) if m])
+    check_stop_token_trained(
+        trained,
+        trainer.model,
+        trainer.processing_class,
+        "training rows' loss masks",
+        "put the EOS inside the chat template's {% generation %} block, or set `eos_token` to the token that ends "
+        "assistant turns.",
     )
 
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
     """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
-    return parse_recipe(argv, SFTConfig, stage="sft", produced=produced)
+    recipe = parse_recipe(argv, SFTConfig, stage="sft", produced=produced)
+    if recipe.training.assistant_only_loss and str(Path(recipe.model.model_name_or_path)) not in map(
+        str, map(Path, produced)
+    ):
+        check_trainable_chat_template(recipe.model, recipe.training.chat_template_path, recipe.trust_remote_code)
+    return recipe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "sft", training_args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    data_report["tokenizer_fit"] = check_tokenizer_fit(tokenizer, train_dataset)
     model = load_causal_lm(model_args, recipe.trust_remote_code)
     align_generation_config(model, tokenizer)
 
@@ -68,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_before = evaluate_before_training(trainer) if eval_dataset is not None else {}
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     eval_after = trainer.evaluate() if eval_dataset is not None else {}
+    merge_adapters(trainer)
     finish_stage(
         trainer,
         recipe,
