@@ -112,6 +112,25 @@ def test_preflight_catches_a_broken_recipe_before_any_stage_runs(tmp_path):
     with pytest.raises(RecipeError, match="unknown recipe key `learning_rat`"):
         run_pipeline(load_pipeline(str(path)))
     assert not (tmp_path / "out" / "base").exists()
+    assert not (tmp_path / "out" / ".pipeline").exists()  # a failed first run leaves no state behind
+
+
+def test_a_base_model_without_chat_template_runs_in_a_pipeline(tiny_checkpoint, tmp_path):
+    from tests.test_base_models import _base_copy
+
+    base = _base_copy(tiny_checkpoint, tmp_path / "base-model")
+    path = _write_pipeline(tmp_path, sft_steps=2)
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["stages"] = [{**pipeline["stages"][1], "inputs": {}}]
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(recipe.read_text().replace("model_name_or_path: wired-by-pipeline", f"model_name_or_path: {base}"))
+    lines: list[str] = []
+    summary = run_pipeline(load_pipeline(str(path)), echo=lines.append)
+    assert _statuses(summary) == {"sft": "ran"}
+    # the rendered example uses the plain template of the model's own tokens, the EOS inside the loss
+    example = next(line for line in lines if line.startswith("  sft: "))
+    assert "Assistant:" in example and "<|im_end|>]]" in example and "<|im_start|>" not in example
 
 
 def test_preflight_checks_every_model_path_and_command_argument(tmp_path):
