@@ -85,6 +85,7 @@ def test_rlhf_eval_end_to_end(tiny_sft_checkpoint: Path, tiny_checkpoint: Path, 
     assert sft["win_rate"]["win_rate"] == 0.5 and sft["win_rate"]["ties"] == 16
     assert sft["metrics"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert base["metrics"]["kl"] > 1.0
+    assert "16 samples" in base["kl"]["unreliable"]  # 16 prompts: flagged, not reported as a clean figure
     assert sft["metrics"]["rule_reward"] > base["metrics"]["rule_reward"]
     assert sft["safety"]["num_harmful"] + sft["safety"]["num_benign"] == 24
     assert 0.0 <= sft["metrics"]["pairwise_accuracy"] <= 1.0 and sft["reward_model"]["num_pairs"] == 16
@@ -95,6 +96,7 @@ def test_rlhf_eval_end_to_end(tiny_sft_checkpoint: Path, tiny_checkpoint: Path, 
     assert sft["metrics"]["perplexity"] < base["metrics"]["perplexity"]
     report = (out / "report.md").read_text()
     assert "| rule reward (mean) ↑ |" in report and "## sft" in report and "## base" in report
+    assert "**Unreliable:** estimated from 16 samples" in report
     assert (out / "report.html").read_text().count("<img") >= 5
     assert (out / "plots" / "comparison.png").stat().st_size > 1000
     assert not (tmp_path / "eval.incomplete").exists()
@@ -137,3 +139,34 @@ def test_evaluate_with_keywords_as_the_pipeline_calls_it(tiny_sft_checkpoint: Pa
     assert result["training_curves"] and all(Path(p).parent == out / "plots" for p in result["training_curves"])
     assert all(Path(p).is_file() for p in result["training_curves"])
     assert not (out / "report.html").exists() and (out / "report.md").is_file()
+
+
+def test_reward_model_section_scores_only_the_pairs_the_reward_stage_held_out(tiny_checkpoint: Path, tmp_path: Path):
+    import yaml
+
+    from rlhf.data.synthetic import make_synthetic_dataset
+
+    pairs = tmp_path / "pairs.jsonl"
+    make_synthetic_dataset("preference", 40, seed=1).to_json(pairs)
+    reward_dir = tmp_path / "reward"
+    AutoModelForSequenceClassification.from_pretrained(str(tiny_checkpoint), num_labels=1).save_pretrained(reward_dir)
+    load_tokenizer(ModelConfig(model_name_or_path=str(tiny_checkpoint))).save_pretrained(reward_dir)
+    # What the reward stage records: it trained on this file and held out 25% of it with seed 3.
+    recipe = {"stage": "reward", "dataset_name": str(pairs), "test_split_size": 0.25, "seed": 3}
+    (reward_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = evaluate(
+        [tiny_checkpoint],
+        output=tmp_path / "eval",
+        sections=["reward_model"],
+        reward_model_path=str(reward_dir),
+        preference_dataset=str(pairs),
+        num_preference_pairs=64,
+        html=False,
+    )
+    section = json.loads((out / "eval.json").read_text())["results"]["base"]["reward_model"]
+    from rlhf.config import DataArguments
+    from rlhf.data import prepare_datasets
+
+    _, held_out, _ = prepare_datasets(DataArguments(dataset_name=str(pairs), test_split_size=0.25), "preference", 3)
+    assert section["num_pairs"] == len(held_out) < 40
+    assert "held out: test_split_size=0.25, seed=3" in section["pairs"]

@@ -181,6 +181,7 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
                 k = result["kl"]
                 lines += [
                     f"KL to `{k['reference']}`: {k['kl']:.4f} nats/sequence ({k['kl_per_token']:.4f}/token, on {k['num_samples']} policy samples).",
+                    *([f"**Unreliable:** {k['unreliable']}."] if "unreliable" in k else []),
                     "",
                 ]
             lines += ["Samples:", ""]

@@ -38,6 +38,7 @@ from rlhf.rewards import kl_to_reference, reward_model_scores
 
 Section = Callable[[SectionContext], dict[str, Any]]
 REFERENCE_COLUMNS = ("reference", "answer", "completion")
+MIN_KL_SAMPLES = 64
 
 
 def _references(rows: list[dict[str, Any]]) -> list[str | None]:
@@ -118,7 +119,14 @@ def kl_section(ctx: SectionContext) -> dict[str, Any]:
         ctx.model, ctx.tokenizer, ctx.prompts, do_sample=True, temperature=1.0, **ctx.generation_kwargs
     )
     kl = kl_to_reference(ctx.model, ref_model, samples, ctx.tokenizer.pad_token_id, ctx.config.batch_size)
-    return {"metrics": {"kl": kl["kl"]}, "kl": {**kl, "reference": reference, "num_samples": len(samples)}}
+    result = {**kl, "reference": reference, "num_samples": len(samples)}
+    # A Monte-Carlo KL from a few samples is mostly noise (it can even come out negative): say so.
+    if len(samples) < MIN_KL_SAMPLES or kl["kl"] < 0:
+        result["unreliable"] = (
+            f"estimated from {len(samples)} samples (KL {kl['kl']:.3g}); a KL estimate needs at least "
+            f"{MIN_KL_SAMPLES} samples and is never negative in expectation: raise num_prompts"
+        )
+    return {"metrics": {"kl": kl["kl"]}, "kl": result}
 
 
 def held_out_pairs(config: Any) -> tuple[list[dict[str, Any]], str]:
