@@ -57,10 +57,8 @@ def test_a_base_tokenizer_gets_a_template_of_its_own_tokens_with_eos_trained(tin
     assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]
     # a prompt ends where its completion starts: tokenising them apart gives the same ids (TRL relies on it)
     prompt = tokenizer.apply_chat_template(MESSAGES[:1], tokenize=False, add_generation_prompt=True)
-    full_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert full_ids[: len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] == tokenizer(
-        prompt, add_special_tokens=False
-    )["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"][: len(prompt_ids)] == prompt_ids
 
 
 def test_a_tokenizer_without_eos_gets_one_and_the_model_grows_when_it_is_new(tiny_checkpoint, tmp_path):

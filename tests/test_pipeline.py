@@ -124,7 +124,9 @@ def test_a_base_model_without_chat_template_runs_in_a_pipeline(tiny_checkpoint, 
     pipeline["stages"] = [{**pipeline["stages"][1], "inputs": {}}]
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text(recipe.read_text().replace("model_name_or_path: wired-by-pipeline", f"model_name_or_path: {base}"))
+    recipe.write_text(
+        recipe.read_text().replace("model_name_or_path: wired-by-pipeline", f"model_name_or_path: {base}")
+    )
     lines: list[str] = []
     summary = run_pipeline(load_pipeline(str(path)), echo=lines.append)
     assert _statuses(summary) == {"sft": "ran"}
