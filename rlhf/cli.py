@@ -13,7 +13,8 @@ def train(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[2:] if argv is None else argv)
     usage = "usage: rlhf train RECIPE.yaml [--key value ...]   (RECIPE.yaml --help lists its stage's keys)"
     if not argv or argv[0] in ("-h", "--help"):
-        stages = "\n".join(f"  {name:<9} data: {stage.data_format}" for name, stage in STAGES.items())
+        width = max(map(len, STAGES))
+        stages = "\n".join(f"  {name:<{width}}  data: {stage.data_format}" for name, stage in STAGES.items())
         print(f"{usage}\n\nstages (a recipe names one in its `stage:` key):\n{stages}")
         if not argv:
             raise SystemExit(2)

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -72,6 +73,14 @@ class ModelArguments(ModelConfig):
     dropout: float | None = None
     l1_regularization: float = 0.0
     allow_pickle_weights: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # TRL turns a one-element list into its element (for "all-linear"); peft then reads a plain
+        # name such as "query_key_value" as a pattern for the whole module path and matches nothing.
+        target = self.lora_target_modules
+        if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
+            self.lora_target_modules = [target]
 
 
 @dataclass
@@ -259,7 +268,26 @@ def parse_dataclass(cls: type, values: dict[str, Any], source: str = "recipe") -
     types_by_name = field_types(cls)
     check_known_keys(values, types_by_name, "key", source)
     kwargs = {k: _coerce(k, v, types_by_name[k]) for k, v in values.items()}
+    _check_field_choices(cls, kwargs)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as error:
         raise RecipeError(f"{source}: {error}") from None
+
+
+def _check_field_choices(cls: type, values: dict[str, Any]) -> None:
+    """Refuse a value outside the `choices` a field's metadata declares (TRL's `loss_type`, …).
+
+    TRL lists the allowed values for argparse; a recipe skips argparse, so without this a typo would
+    surface as a traceback inside the trainer after the model has loaded.
+    """
+    for item in dataclasses.fields(cls):
+        choices = item.metadata.get("choices")
+        if not choices or values.get(item.name) is None:
+            continue
+        value = values[item.name]
+        for one in value if isinstance(value, list) else [value]:
+            if getattr(one, "value", one) not in choices:
+                raise RecipeError(
+                    f"{item.name}: got {getattr(one, 'value', one)!r}; set it to one of {', '.join(map(repr, choices))}."
+                )

@@ -44,6 +44,11 @@ STAGES: dict[str, Stage] = {
         Stage("grpo", "prompt_only", frozen_copies=1, reference_is_policy_under_lora=True),
         Stage("rloo", "prompt_only", frozen_copies=1, reference_is_policy_under_lora=True),
         Stage("distill", "sft", frozen_copies=1),
+        Stage("kto", "unpaired", frozen_copies=1, reference_is_policy_under_lora=True),
+        Stage("orpo", "preference"),
+        Stage("cpo", "preference"),  # SimPO: recipes/tiny/simpo.yaml, `loss_type: simpo`
+        # frozen: the reference and a reward model (none when only reward functions judge)
+        Stage("online_dpo", "prompt_only", frozen_copies=2, reference_is_policy_under_lora=True),
     )
 }
 
@@ -85,6 +90,12 @@ COMMANDS: dict[str, Command] = {
     command.name: command
     for command in (
         Command("train", "rlhf.cli", "train", "run the stage a recipe names: rlhf train RECIPE.yaml [--key value ...]"),
+        Command(
+            "plan",
+            "rlhf.plan",
+            "main",
+            "per-device memory of a recipe's stage under DDP/FSDP2/ZeRO/LoRA/offload, and whether it fits",
+        ),
         Command(
             "tiny-checkpoint",
             "rlhf.tiny",

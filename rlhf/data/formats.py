@@ -5,6 +5,8 @@ Targets (what each stage needs):
 - ``sft``: ``messages``, or ``prompt`` + ``completion`` (plain or conversational), or ``text``
 - ``preference``: ``prompt`` + ``chosen`` + ``rejected`` (explicit prompt)
 - ``prompt_only``: ``prompt``
+- ``unpaired`` (KTO): ``prompt`` + ``completion`` + ``label`` (true: a desirable answer); preference
+  pairs become two rows each, the chosen answer labelled true and the rejected one false
 Sources may be any of those, plus ShareGPT ``conversations``, Anthropic HH-style strings
 ("\\n\\nHuman: … \\n\\nAssistant: …"), and UltraFeedback-style implicit-prompt message lists.
 """
@@ -14,12 +16,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from datasets import Dataset
-from trl import maybe_convert_to_chatml, maybe_extract_prompt
+from datasets import Dataset, Value
+from trl import maybe_convert_to_chatml, maybe_extract_prompt, unpair_preference_dataset
 
 from rlhf.config import RecipeError
 
-FORMATS = ("language_modeling", "sft", "preference", "prompt_only")
+FORMATS = ("language_modeling", "sft", "preference", "prompt_only", "unpaired")
 HH_TURN = re.compile(r"\n\nHuman:|\n\nAssistant:")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -54,11 +56,34 @@ def _missing(columns: list[str], target: str, field: str) -> RecipeError:
         "sft": "`messages`, `prompt`+`completion`, `text`, or ShareGPT `conversations`",
         "preference": "`chosen`+`rejected` (and `prompt`, or an implicit prompt inside them)",
         "prompt_only": "`prompt` (or `messages`)",
+        "unpaired": "`prompt`+`completion`+`label`, or preference pairs `chosen`+`rejected` (and `prompt`)",
     }[target]
     return RecipeError(
         f"{field}: columns {columns} do not fit this stage, which needs {needs}; "
         "rename them with `dataset_rename_columns: {old: new}` (or `rename_columns` in a mixture entry)."
     )
+
+
+def _unpaired(dataset: Dataset, field: str) -> Dataset:
+    """KTO's layout: labelled rows as they are, or each preference pair split into a desirable and an undesirable row."""
+    columns = dataset.column_names
+    if {"prompt", "completion", "label"} <= set(columns):
+        dataset = dataset.select_columns(["prompt", "completion", "label"])
+        if dataset.features["label"].dtype == "bool":
+            return dataset
+        wrong = next((value for value in dataset["label"] if value not in (0, 1)), None)
+        if wrong is not None:
+            raise RecipeError(
+                f"{field}: column `label` holds {wrong!r}; KTO needs true (a desirable completion) or false."
+            )
+        return dataset.cast_column("label", Value("bool"))  # 0/1 labels, as some datasets store them
+    if not {"chosen", "rejected"} <= set(columns):
+        raise _missing(columns, "unpaired", field)
+    pairs = convert(dataset, "preference", field)
+    # A pair with an empty or identical side would become an empty completion or two rows that contradict
+    # each other; the preference cleaning drops such pairs, so drop them here before they are split.
+    pairs = pairs.filter(lambda r: bool(r["chosen"]) and bool(r["rejected"]) and r["chosen"] != r["rejected"])
+    return unpair_preference_dataset(pairs)
 
 
 def convert(dataset: Dataset, target: str, field: str = "dataset_name") -> Dataset:
@@ -121,4 +146,6 @@ def convert(dataset: Dataset, target: str, field: str = "dataset_name") -> Datas
         if {"chosen", "rejected"} <= set(columns):
             return convert(dataset, "preference", field).select_columns(["prompt"])
         raise _missing(columns, target, field)
+    if target == "unpaired":
+        return _unpaired(dataset, field)
     raise ValueError(f"unknown target format {target!r}; use one of {FORMATS}")

@@ -184,6 +184,8 @@ def checked_columns(columns: list[str], target: str) -> dict[str, str]:
         return pair if has_pair else {"text": TEXT} if "text" in present else {}
     if target == "preference":
         return preference if has_preference else {}
+    if target == "unpaired":  # KTO: labelled prompt/completion rows, or preference pairs it splits
+        return preference if has_preference else pair if has_pair else {}
     if target == "prompt_only":
         if "prompt" in present:
             return {"prompt": TEXT_OR_MESSAGES}
