@@ -10,6 +10,10 @@ it, which matters when the embedding is a large share of the model). Every outpu
 reloaded and checked against the in-memory quantized model before it is published, so a format
 that does not round-trip (bitsandbytes 4-bit saved on CPU reloads silently wrong) never reaches a
 user. `load_quantized(path)` reloads any of them; the method is recorded in `quantization.json`.
+
+quanto and torchao quantize `nn.Linear` layers only: a checkpoint whose blocks are transformers'
+`Conv1D` (GPT-2 and its kin) is refused before it loads, naming bitsandbytes (which converts
+Conv1D), and an output in which nothing was quantized is never published.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 from trl import ModelConfig
 
 from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
@@ -48,6 +54,73 @@ def _tied_output_name(model: PreTrainedModel) -> str | None:
     return next(name for name, module in model.named_modules() if module is output)
 
 
+def check_quantizable(checkpoint: str, backend: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before the weights load, a checkpoint whose layers `backend` cannot quantize (e.g. GPT-2's Conv1D)."""
+    if backend == "bitsandbytes":
+        return  # transformers' bitsandbytes integration converts Conv1D as well as nn.Linear
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    # Built on the meta device: the module tree without allocating or reading any weights.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    conv1d = [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    output = model.get_output_embeddings()
+    blocks = [name for name in linear if output is None or model.get_submodule(name) is not output]
+    if conv1d or not blocks:
+        kind = f"transformers Conv1D layers ({conv1d[0]}, …)" if conv1d else "no nn.Linear layers"
+        raise RecipeError(
+            f"--backend {backend}: {type(model).__name__}'s blocks are {kind}, which {backend} cannot quantize, so "
+            "nothing would be quantized; use --backend bitsandbytes --method int8 (`pip install 'rlhf[qlora]'`)."
+        )
+
+
+def quantized_modules(model: PreTrainedModel, backend: str) -> list[str]:
+    """Names of the modules whose weights the backend really quantized (not merely loaded in full precision)."""
+    if backend == "quanto":
+        from optimum.quanto.nn import QModuleMixin
+
+        return [name for name, module in model.named_modules() if isinstance(module, QModuleMixin)]
+    names = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        data = getattr(weight, "data", weight)
+        # torchao swaps the weight for a tensor subclass; bitsandbytes stores int8 (or packed uint8) weights.
+        if isinstance(data, torch.Tensor) and (
+            type(data) is not torch.Tensor or data.dtype in (torch.int8, torch.uint8)
+        ):
+            names.append(name)
+    return names
+
+
+def _save_with_module_names(model: PreTrainedModel, folder: Path) -> None:
+    """Rewrite a quanto save under the in-memory module names quanto reloads by.
+
+    transformers 5 renames some modules on load and back on save (GPT-NeoX's `embed_out` is
+    `lm_head` in memory), while quanto's reload matches the file's keys to the in-memory names
+    without that mapping; the head would be left uninitialised. A saved module prefix is renamed
+    only where its weight equals the in-memory module's exactly.
+    """
+    for file in sorted(folder.glob("*.safetensors")):
+        saved = load_file(file)
+        memory = {k: v for k, v in model.state_dict().items() if k not in saved}
+        renames: dict[str, str] = {}
+        for key in saved:
+            if key in memory or not key.endswith(".weight._data"):
+                continue
+            prefix = key[: -len(".weight._data")]
+            for other, tensor in memory.items():
+                if other.endswith(".weight._data") and tensor.shape == saved[key].shape:
+                    if torch.equal(tensor.cpu(), saved[key]):
+                        renames[prefix + "."] = other[: -len("weight._data")]
+                        break
+        if renames:
+            renamed = {}
+            for key, tensor in saved.items():
+                old = next((p for p in renames if key.startswith(p)), None)
+                renamed[renames[old] + key[len(old) :] if old else key] = tensor
+            save_file(renamed, file, metadata={"format": "pt"})
+
+
 def quantize_and_save(
     checkpoint: str, output_dir: Path, method: str, backend: str, dtype: str, trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -64,6 +137,7 @@ def quantize_and_save(
         )
         wrapper.save_pretrained(output_dir)
         quantized = wrapper._wrapped
+        _save_with_module_names(quantized, output_dir)
     else:
         from transformers import BitsAndBytesConfig, TorchAoConfig
 
@@ -107,9 +181,10 @@ def quantize(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Quantize `checkpoint` into `output` (written atomically) and return the size/quality report."""
-    check_output_dir(output, "--output", inputs=(checkpoint,))
+    check_output_dir(output, "--output", inputs=(checkpoint,), writer="quantize")
     check_model_source(checkpoint, "CHECKPOINT")
     check_quantization(method, backend, dtype=dtype)
+    check_quantizable(checkpoint, backend, trust_remote_code)
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=checkpoint), trust_remote_code)
 
     report: dict[str, Any] = {"command": "quantize", "method": method, "backend": backend}
@@ -121,6 +196,12 @@ def quantize(
 
     with atomic_output_dir(output) as tmp:
         quantized = quantize_and_save(checkpoint, tmp, method, backend, dtype, trust_remote_code)
+        report["quantized_modules"] = len(quantized_modules(quantized, backend))
+        if not report["quantized_modules"]:  # a model left in full precision must never look like a success
+            raise RecipeError(
+                f"--backend {backend}: no layer of {checkpoint} was quantized; nothing was written. "
+                "Try another --backend."
+            )
         tokenizer.save_pretrained(tmp)
         report["reload_max_logit_difference"] = verify_reload(quantized, tmp)
         report["size_bytes_after"] = weights_size_bytes(tmp)
