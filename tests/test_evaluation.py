@@ -99,6 +99,7 @@ def test_rlhf_eval_end_to_end(tiny_sft_checkpoint: Path, tiny_checkpoint: Path, 
     assert "**Unreliable:** estimated from 16 samples" in report
     assert (out / "report.html").read_text().count("<img") >= 5
     assert (out / "plots" / "comparison.png").stat().st_size > 1000
+    assert (out / "plots" / "helpful_harmless.png").stat().st_size > 1000  # the trade-off picture
     assert not (tmp_path / "eval.incomplete").exists()
 
 

@@ -38,3 +38,31 @@ def test_sft_noise_controls_demonstration_quality():
 
     assert quality(0.0) == 1.0
     assert 0.6 < quality(0.3) < 0.8
+
+
+def test_the_world_is_helpful_and_harmless_by_construction():
+    from rlhf.data.synthetic import JAILBREAK_TEMPLATES, classify_prompt
+
+    rows = make_synthetic_dataset("sft", 2000, seed=0, sft_noise=0.0)
+    kinds = [classify_prompt(r["messages"][0]["content"]) for r in rows]
+    # benign look-alikes are drawn often enough that "How do I …?" is not answered with a refusal by default
+    assert kinds.count("benign") > kinds.count("harmful") > 0.15 * len(rows)
+    wrapped = [
+        r
+        for r, k in zip(rows, kinds)
+        if any(t.split("{t}")[0] in r["messages"][0]["content"] for t in JAILBREAK_TEMPLATES)
+    ]
+    wrapped_kinds = {classify_prompt(r["messages"][0]["content"]) for r in wrapped}
+    assert wrapped_kinds == {"harmful", "benign"}  # the wrapper never decides the answer: the task does
+    for row in wrapped:
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert rule_score(prompt, answer) == 1.0
+
+    # a reward model trained on the pairs sees degenerate and off-topic text as rejected
+    pairs = make_synthetic_dataset("preference", 400, seed=0)
+    rejected = [r["rejected"][0]["content"] for r in pairs]
+    assert sum(len(set(text.split())) == 1 and len(text.split()) >= 6 for text in rejected) > 10  # "i i i i i i"
+    assert any(
+        r["rejected"][0]["content"].startswith("The ") and classify_prompt(r["prompt"][0]["content"]) == "greeting"
+        for r in pairs
+    )

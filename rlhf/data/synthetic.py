@@ -1,8 +1,10 @@
 """The embedded default task: a tiny, deterministic world whose preferences a rule can check.
 
 The world has made-up creatures with a colour and a favourite food, a few harmful requests that
-must be refused, benign requests that look harmful but must be answered, and greetings that
-deserve a short polite answer. Everything is generated from a seed, so the same recipe always
+must be refused, benign requests that look harmful but must be answered (both also inside
+jailbreak wrappers, so the task decides, not the wording), and greetings that deserve a short
+polite answer. Preference pairs also reject degenerate and off-topic text, so a reward model
+trained on them never prefers "i i i i" or an answer to another question. Everything is generated from a seed, so the same recipe always
 sees the same data, and `rule_score` tells without humans whether an answer is the preferred one.
 That rule is what lets the pipeline measure whether SFT, PPO, DPO or GRPO improved the model.
 """
@@ -93,18 +95,51 @@ def _all_prompts() -> Iterator[tuple[str, str, str]]:
             for template in templates:
                 yield "fact", template.format(c=creature), answer
     for task in HARMFUL_TASKS:
-        for template in REQUEST_TEMPLATES:
+        for template in REQUEST_TEMPLATES + JAILBREAK_TEMPLATES:
             yield "harmful", template.format(t=task), REFUSAL
     for task in BENIGN_TASKS:
-        for template in REQUEST_TEMPLATES:
+        for template in REQUEST_TEMPLATES + JAILBREAK_TEMPLATES:
             yield "benign", template.format(t=task), HELPFUL.format(t=task)
     for greeting in GREETINGS:
         yield "greeting", greeting, POLITE
 
 
-def _pool(split: str) -> list[tuple[str, str, str]]:
+# How often each kind of prompt is drawn. Helpful-and-harmless needs the benign look-alikes often
+# enough that "How do I …?" is not simply answered with a refusal (with prompts drawn uniformly,
+# refusals outnumbered helpful answers and the SFT model refused 97% of benign requests).
+KIND_WEIGHTS = {"fact": 0.4, "harmful": 0.2, "benign": 0.3, "greeting": 0.1}
+# Share of preference pairs whose rejected answer is degenerate or off-topic rather than merely worse.
+DEGENERATE_FRACTION = 0.2
+DEGENERATE_WORDS = ["i", "the", "so", "well", "and", "um"]
+
+
+def _pool(split: str) -> dict[str, list[tuple[str, str, str]]]:
     want_test = split == "test"
-    return [p for p in _all_prompts() if _is_held_out(p[1]) == want_test]
+    pool: dict[str, list[tuple[str, str, str]]] = {}
+    for entry in _all_prompts():
+        if _is_held_out(entry[1]) == want_test:
+            pool.setdefault(entry[0], []).append(entry)
+    return pool
+
+
+def _draw(pool: dict[str, list[tuple[str, str, str]]], rng: random.Random) -> tuple[str, str, str]:
+    kinds = [kind for kind in KIND_WEIGHTS if pool.get(kind)]
+    kind = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds])[0]
+    return rng.choice(pool[kind])
+
+
+def _degenerate(kind: str, prompt: str, rng: random.Random) -> str:
+    """Text no one should prefer: one word repeated, the prompt echoed backwards, or an answer to another question."""
+    style = rng.randrange(3)
+    if style == 0:
+        return " ".join([rng.choice(DEGENERATE_WORDS)] * rng.randint(6, 16))
+    if style == 1 and kind != "greeting":  # an echoed greeting would still be polite
+        # Backwards, a multi-word task never reads as itself, so the rule cannot count it helpful.
+        return " ".join(reversed(prompt.split() * 2))
+    if kind == "fact":  # off-topic without any colour or food, so the rule can never count it right
+        return rng.choice([POLITE, HELPFUL.format(t=rng.choice(BENIGN_TASKS))])
+    creature = rng.choice(CREATURES)
+    return FACT_ANSWERS["color"].format(c=creature, v=creature_facts(creature)["color"])
 
 
 def _dispreferred(kind: str, prompt: str, rng: random.Random) -> str:
@@ -203,7 +238,7 @@ def _rows(kind: str, num_examples: int, seed: int, split: str, sft_noise: float)
             rows.append({"text": " ".join(sentences)})
         return rows
     for _ in range(num_examples):
-        prompt_kind, prompt, preferred = rng.choice(pool)
+        prompt_kind, prompt, preferred = _draw(pool, rng)
         if kind == "sft":
             # Demonstrations are imperfect, as real ones are: a fraction shows the worse answer.
             # That leaves room for preference learning (reward model + PPO/DPO) to improve on SFT.
@@ -214,7 +249,14 @@ def _rows(kind: str, num_examples: int, seed: int, split: str, sft_noise: float)
                 {
                     "prompt": [{"role": "user", "content": prompt}],
                     "chosen": [{"role": "assistant", "content": preferred}],
-                    "rejected": [{"role": "assistant", "content": _dispreferred(prompt_kind, prompt, rng)}],
+                    "rejected": [
+                        {
+                            "role": "assistant",
+                            "content": _degenerate(prompt_kind, prompt, rng)
+                            if rng.random() < DEGENERATE_FRACTION
+                            else _dispreferred(prompt_kind, prompt, rng),
+                        }
+                    ],
                 }
             )
         elif kind == "prompts":

@@ -53,6 +53,29 @@ def plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     return save_figure(fig, path)
 
 
+def plot_helpful_harmless(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """The trade-off picture: each model at (harmful requests refused, benign look-alikes answered)."""
+    points = {
+        name: (r["metrics"]["refusal_rate"], 1.0 - r["metrics"]["false_refusal_rate"])
+        for name, r in results.items()
+        if "refusal_rate" in r["metrics"] and "false_refusal_rate" in r["metrics"]
+    }
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, (harmless, helpful) in points.items():
+        ax.scatter([harmless], [helpful], s=40)
+        ax.annotate(name, (harmless, helpful), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("harmless: harmful requests refused")
+    ax.set_ylabel("helpful: benign look-alikes answered (1 − false refusal)")
+    ax.axhline(0.9, color="grey", linewidth=0.5, linestyle=":")
+    ax.axvline(0.95, color="grey", linewidth=0.5, linestyle=":")
+    ax.set_title("helpful vs harmless (top right is best)")
+    return save_figure(fig, path)
+
+
 def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, path: Path) -> Path | None:
     """Grouped bars: data[model][group] → value."""
     groups = sorted({g for values in data.values() for g in values})
@@ -122,6 +145,9 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
     comparison = plot_comparison(results, plots_dir / "comparison.png")
     if comparison:
         figures.append(("headline rates", comparison))
+    trade_off = plot_helpful_harmless(results, plots_dir / "helpful_harmless.png")
+    if trade_off:
+        figures.append(("helpful vs harmless", trade_off))
     by_kind = {n: r["generation"]["rule_reward_by_group"] for n, r in results.items() if "generation" in r}
     if any(by_kind.values()):
         figures.append(
