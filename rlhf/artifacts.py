@@ -277,6 +277,11 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))
     metrics = {**metrics, "world_size": trainer.accelerator.num_processes}
+    # Health alarms of the run (rlhf.callbacks.HealthCallback), for metrics.json and the reports.
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", [])
+    events = [event for callback in callbacks for event in getattr(callback, "health_events", [])]
+    if events:
+        metrics["health_events"] = events
     if trainer.accelerator.is_main_process:
         # The last guard against a diverged run that no earlier check caught: never publish broken weights.
         broken = nonfinite_weight(tmp)

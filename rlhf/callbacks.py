@@ -4,19 +4,34 @@
 - `DivergenceCallback`: a loss or gradient norm that stops being a finite number (or a gradient norm
   above `max_grad_norm_alarm`) ends the run with one line, before a checkpoint of broken weights is
   written; the last good checkpoint stays in `<output>.incomplete/` and nothing is published.
+- `HealthCallback`: the health alarms of `rlhf.health` (KL blow-up, response length, entropy collapse,
+  reward hacking, DPO's chosen-reward collapse and margin runaway) over the logged metrics; each warns
+  (and is listed in metrics.json's `health_events`) or stops the run the same way.
+- `CompletionTableCallback`: with `report_to: tensorboard`, a text table of sampled completions and
+  each reward source's score, every `logging_steps`, in the online stages.
+
+`bind_trainer(trainer)` hands the trainer to the callbacks that read its sampled completions.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from rlhf.artifacts import last_complete_checkpoint
 from rlhf.config import RecipeError
+from rlhf.health import FIXES, HealthArguments, HealthPoint, HealthRules
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingStopped(RecipeError):
@@ -24,8 +39,9 @@ class TrainingStopped(RecipeError):
 
 
 @dataclass
-class DivergenceArguments:
-    """The recipe key for gradients that explode; a loss or gradient norm that is NaN or ±inf always stops the run."""
+class DivergenceArguments(HealthArguments):
+    """The recipe key for gradients that explode (a loss or gradient norm that is NaN or ±inf always stops the
+    run), and the health alarms' keys: every stage with a divergence check has the health monitor too."""
 
     max_grad_norm_alarm: float | None = field(
         default=1e4,
@@ -47,22 +63,24 @@ def divergence_problem(loss: float | None, grad_norm: float | None, max_grad_nor
     return None
 
 
+def stop_message(what: str, output_dir: str | Path, fix: str) -> str:
+    """The one line a stopped run ends with: what happened, the last checkpoint before it, and what to change."""
+    checkpoint = last_complete_checkpoint(Path(output_dir))
+    if checkpoint is None:
+        return f"{what}; nothing was published and no checkpoint was saved. {fix[0].upper() + fix[1:]}, then run again."
+    return (
+        f"{what}; nothing was published, and the last checkpoint that passed the checks is {checkpoint}. "
+        f"{fix[0].upper() + fix[1:]}, then remove {output_dir} to start over (a rerun resumes that checkpoint, its "
+        "saved learning rate included)."
+    )
+
+
 def divergence_message(where: str, problem: str, output_dir: str | Path, learning_rate: float) -> str:
     """The one line a diverged run ends with: where, why, the last checkpoint before it, and what to change."""
     fix = f"lower learning_rate (now {learning_rate:g})"
     if "max_grad_norm_alarm" in problem:
         fix += " or raise max_grad_norm_alarm"
-    checkpoint = last_complete_checkpoint(Path(output_dir))
-    if checkpoint is None:
-        return (
-            f"training diverged at {where} ({problem}); nothing was published and no checkpoint was saved. "
-            f"{fix.capitalize()}, then run again."
-        )
-    return (
-        f"training diverged at {where} ({problem}); nothing was published, and the last checkpoint that passed the "
-        f"checks is {checkpoint}. {fix.capitalize()}, then remove {output_dir} to start over (a rerun resumes that "
-        "checkpoint, its saved learning rate included)."
-    )
+    return stop_message(f"training diverged at {where} ({problem})", output_dir, fix)
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
@@ -121,6 +139,220 @@ def regularization_callbacks(model_args) -> list[TrainerCallback]:
     return [L1RegularizationCallback(coef)] if coef > 0 else []
 
 
+# ---- health alarms and the completions table -----------------------------------------------------
+
+# The sources a rule judge is looked up under: TRL logs `rewards/<name>/mean`, rlhf's PPO `reward/<name>`.
+RULE_JUDGE = "rule_reward"
+
+
+def logged_source(logs: dict[str, Any], name: str) -> float | None:
+    """A reward source's logged mean, under TRL's (GRPO/RLOO) or rlhf's PPO key."""
+    value = logs.get(f"rewards/{name}/mean", logs.get(f"reward/{name}"))
+    return value if isinstance(value, int | float) else None
+
+
+def _first(logs: dict[str, Any], *keys: str) -> float | None:
+    """The first of `keys` the log holds as a number (the stages name one figure differently)."""
+    value = next((logs[key] for key in keys if isinstance(logs.get(key), int | float)), None)
+    return float(value) if value is not None else None
+
+
+def _text(message: Any) -> str:
+    """A prompt or completion as text: a string, or the last message's content of a conversation."""
+    return message[-1]["content"] if isinstance(message, list) and message else str(message)
+
+
+class HealthCallback(TrainerCallback):
+    """The health alarms (`rlhf.health.HealthRules`) on a trainer's logged metrics: warn, or stop with one line.
+
+    It reads TRL's names (GRPO/RLOO: `kl`, `entropy`, `completions/mean_length`, `rewards/<source>/mean`;
+    online DPO: `objective/kl`, `objective/scores`; DPO: `rewards/chosen`, `rewards/margins`) and rlhf's
+    PPO names (`objective/kl`, `policy/entropy_rollout`, `response_length/mean`, `reward/<source>`), so
+    every stage, PPO's own loop included, shares one set of rules. A stop raises `TrainingStopped` inside
+    the log call, before that step's checkpoint is written: the last checkpoint is from before the alarm.
+    """
+
+    def __init__(self, args: Any) -> None:
+        self.rules = HealthRules.from_args(args)
+        self.default_action = getattr(args, "health_action", "warn")
+        self.actions = dict(getattr(args, "health_actions", None) or {})
+        reward_model_path = getattr(args, "reward_model_path", None)
+        # The name TRL logs a reward model under (its folder's name); PPO logs it as `reward_model`.
+        self.reward_model = reward_model_path.rstrip("/").split("/")[-1] if reward_model_path else None
+        self.judge_spec = getattr(args, "reward_hacking_judge", None)
+        self.judge_function: Callable[..., list[float]] | None = None
+        if self.judge_spec and ":" in self.judge_spec:
+            # Imported here, not at the top: rlhf.rewards imports this module (for TrainingStopped).
+            from rlhf.rewards import load_reward_function
+
+            self.judge_function = load_reward_function(self.judge_spec, "reward_hacking_judge")
+        self.trainer: Any = None
+        self.health_events: list[dict[str, Any]] = []
+        self._firing: set[str] = set()
+        self._judge_missing_said = False
+
+    def bind(self, trainer: Any) -> None:
+        """Read the trainer's sampled completions (TRL's `_logs`) to score a judge given as a function."""
+        self.trainer = trainer
+
+    def _samples(self) -> dict[str, Any] | None:
+        samples = getattr(self.trainer, "_logs", None)
+        return samples if samples and samples.get("completion") else None
+
+    def _proxy_and_judge(self, logs: dict[str, Any]) -> tuple[float | None, float | None]:
+        """The optimised reward the judge checks, and the held-out judge's score, for this log."""
+        if not self.judge_spec:
+            return None, None
+        if self.judge_function is not None:
+            samples = self._samples()
+            if samples is None:
+                return None, None
+            completions = list(samples["completion"])
+            scores = self.judge_function(prompts=list(samples["prompt"]), completions=completions)
+            judge = sum(scores) / len(scores)
+            # The proxy on the same samples as the judge: the reward model's scores when it is a source.
+            rewards = samples["rewards"].get(self.reward_model) if self.reward_model else None
+            proxy = sum(rewards) / len(rewards) if rewards else _first(logs, "reward", "objective/scores")
+            return proxy, judge
+        proxy = None
+        if self.reward_model:  # GRPO/RLOO log it under its folder's name, PPO as reward_model, online DPO as scores
+            proxy = logged_source(logs, self.reward_model)
+            proxy = logged_source(logs, "reward_model") if proxy is None else proxy
+            proxy = _first(logs, "objective/scores") if proxy is None else proxy
+        name = RULE_JUDGE if self.judge_spec == "auto" else self.judge_spec
+        judge = logged_source(logs, name)
+        if judge is None and proxy is not None and not self._judge_missing_said and self.judge_spec != "auto":
+            self._judge_missing_said = True
+            logger.warning(
+                "reward_hacking_judge %s: no reward source of that name is logged, so the reward_hacking alarm is "
+                "off; name one of reward_funcs, or give a function as package.module:function.",
+                self.judge_spec,
+            )
+        return proxy, judge
+
+    def point(self, logs: dict[str, Any], step: int) -> HealthPoint:
+        """This log's figures under the rules' names."""
+        proxy, judge = self._proxy_and_judge(logs)
+        return HealthPoint(
+            step=step,
+            kl=_first(logs, "kl", "objective/kl"),
+            length=_first(logs, "completions/mean_length", "response_length/mean"),
+            entropy=_first(logs, "entropy", "policy/entropy_rollout"),
+            proxy=proxy,
+            judge=judge,
+            chosen=_first(logs, "rewards/chosen"),
+            margin=_first(logs, "rewards/margins"),
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        # Evaluation logs (eval_*) and the closing summary (train_runtime, ...) are not training steps.
+        if not logs or any(key.startswith("eval_") for key in logs) or "train_runtime" in logs:
+            return
+        alarms = self.rules.check(self.point(logs, state.global_step))
+        self._firing &= {name for name, _ in alarms}
+        for name, message in alarms:
+            action = self.actions.get(name, self.default_action)
+            if name not in self._firing:  # one event per onset, not one per log while it lasts
+                self._firing.add(name)
+                self.health_events.append({"step": state.global_step, "alarm": name, "message": message, "action": action})
+                logger.warning("health alarm %s at step %d: %s", name, state.global_step, message)
+            if action == "stop":
+                self._stop(args, state, name, message)
+
+    def _stop(self, args: Any, state: Any, name: str, message: str) -> None:
+        output_dir = Path(args.output_dir)
+        if state.is_world_process_zero:
+            # The events stay beside the kept checkpoint (no metrics.json is written for a stopped run).
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "health_events.json").write_text(json.dumps(self.health_events, indent=2) + "\n")
+        raise TrainingStopped(
+            stop_message(
+                f"health alarm {name} at step {state.global_step} ({message}); stopped", output_dir, FIXES[name]
+            )
+        )
+
+
+class CompletionTableCallback(TrainerCallback):
+    """Every log of an online stage with `report_to: tensorboard`: a Markdown table of sampled completions
+    (prompt, response, each reward source's score, advantage) in TensorBoard's text tab, as `completions`.
+
+    TRL's own `log_completions` sends its table to wandb and trackio only (and a parquet file); this
+    writes through the TensorBoard callback's SummaryWriter, so the table sits in the same event file.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.trainer: Any = None
+
+    def bind(self, trainer: Any) -> None:
+        """Read the trainer's sampled completions (TRL's `_logs`) and its TensorBoard writer."""
+        self.trainer = trainer
+
+    def _writer(self) -> Any:
+        handler = getattr(self.trainer, "callback_handler", None)
+        board = next((c for c in getattr(handler, "callbacks", []) if isinstance(c, TensorBoardCallback)), None)
+        return board.tb_writer if board is not None else None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        # Evaluation logs and the closing summary (train_runtime, ...) come with no new samples.
+        if not self.rows or not state.is_world_process_zero or any(k.startswith("eval_") for k in logs):
+            return
+        if "train_runtime" in logs:
+            return
+        samples = getattr(self.trainer, "_logs", None)
+        writer = self._writer()
+        if writer is None or not samples or not samples.get("completion"):
+            return
+        table = completion_table(samples, self.rows)
+        writer.add_text("completions", table, state.global_step)
+        writer.flush()
+
+
+def completion_table(samples: dict[str, Any], rows: int) -> str:
+    """A Markdown table of `rows` samples spread over the batch (so several prompts show, not one group)."""
+    count = len(samples["completion"])
+    picked = list(range(0, count, max(1, count // rows)))[:rows]
+    sources = list(samples.get("rewards", {}))
+    header = ["prompt", "response", *sources, "advantage"]
+
+    def cell(value: Any) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i in picked:
+        advantages = samples.get("advantages") or []
+        row = [
+            _text(samples["prompt"][i]),
+            _text(samples["completion"][i]),
+            *(samples["rewards"][name][i] for name in sources),
+            advantages[i] if i < len(advantages) else "",
+        ]
+        lines.append("| " + " | ".join(cell(value) for value in row) + " |")
+    return "\n".join(lines)
+
+
+def bind_trainer(trainer: Any) -> None:
+    """Give the callbacks that read sampled completions (health judge, completions table) the trainer."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, HealthCallback | CompletionTableCallback):
+            callback.bind(trainer)
+
+
+def health_callbacks(training_args: Any) -> list[TrainerCallback]:
+    """The health monitor and, where the stage samples completions, the TensorBoard completions table."""
+    callbacks: list[TrainerCallback] = [HealthCallback(training_args)]
+    if getattr(training_args, "completions_table_rows", 0) and "tensorboard" in (training_args.report_to or []):
+        callbacks.append(CompletionTableCallback(training_args.completions_table_rows))
+    return callbacks
+
+
 def stage_callbacks(model_args, training_args) -> list[TrainerCallback]:
-    """The callbacks of a Trainer-based stage: regularisation, then the divergence check."""
-    return [*regularization_callbacks(model_args), DivergenceCallback(training_args.max_grad_norm_alarm)]
+    """The callbacks of a Trainer-based stage: regularisation, the divergence check, then the health alarms."""
+    return [
+        *regularization_callbacks(model_args),
+        DivergenceCallback(training_args.max_grad_norm_alarm),
+        *health_callbacks(training_args),
+    ]

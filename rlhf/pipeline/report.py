@@ -107,6 +107,15 @@ def write_report(pipeline: Pipeline, summary: dict[str, Any]) -> Path:
         stage_rows.append([name, info["status"], info.get("seconds"), info.get("fingerprint")])
     lines += markdown_table(["stage", "this run", "seconds (when it ran)", "fingerprint"], stage_rows)
     lines += [f"Total wall time of this run: {summary.get('seconds', 0):.1f} s", ""]
+    events = [
+        [spec.name, event["step"], event["alarm"], event["action"], event["message"]]
+        for spec in pipeline.stages
+        if spec.recipe and (pipeline.stage_dir(spec.name) / "metrics.json").exists()
+        for event in json.loads((pipeline.stage_dir(spec.name) / "metrics.json").read_text()).get("health_events") or []
+    ]
+    if events:  # training-health alarms (rlhf.callbacks.HealthCallback) that warned during the run
+        lines += ["## Health alarms", ""]
+        lines += markdown_table(["stage", "step", "alarm", "action", "what happened"], events)
 
     lines += ["## Plots", ""]
     figures = [

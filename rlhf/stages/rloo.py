@@ -7,17 +7,20 @@ For each prompt the policy samples `num_generations` completions; each is scored
 source (`reward_model_path`, then `reward_funcs`, weighted by `reward_weights`), and its
 baseline is the mean reward of the other completions of the same prompt. `beta` weighs the KL
 penalty to the starting model (with LoRA, the adapter-disabled policy serves as that reference).
-Bad numbers (NaN/inf or huge rewards, a diverging loss or gradient) are handled as in GRPO.
+Bad numbers (NaN/inf or huge rewards, a diverging loss or gradient) are handled as in GRPO, and so
+are the health alarms (`rlhf.health`: KL, response length, entropy, reward hacking) and, with
+`report_to: tensorboard`, the table of sampled completions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from trl import RLOOConfig, RLOOTrainer
 
-from rlhf.callbacks import DivergenceArguments
+from rlhf.callbacks import DivergenceArguments, bind_trainer
 from rlhf.config import Recipe
 from rlhf.recipe import parse_recipe
 from rlhf.rewards import RewardSourceArguments
@@ -31,6 +34,11 @@ class RLOOStageConfig(RLOOConfig, RewardSourceArguments, DivergenceArguments):
 
 class CheckedRLOOTrainer(CheckedRewards, RLOOTrainer):
     """TRL's RLOOTrainer with the recipe's reward checks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The health judge and the completions table read the sampled completions the trainer keeps.
+        bind_trainer(self)
 
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
