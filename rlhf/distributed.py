@@ -1,14 +1,27 @@
 """What a stage needs to run the same on one process or many (DDP, FSDP, DeepSpeed via `accelerate launch`).
 
 Trainers already shard the data, average gradients and log on the main process; rlhf.artifacts
-saves once. Two gaps remain, filled here: evaluating before training must not leave the model
-unwrapped for DDP, and the process group must be torn down before the interpreter exits.
+saves once. Three gaps remain, filled here: evaluating before training must not leave the model
+unwrapped for DDP nor fail under FSDP2; an FSDP launch on a machine without GPUs must shard over
+gloo instead of falling back to DDP; and the process group must be torn down before the
+interpreter exits.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
+
+
+def _log_beside_output(trainer: Any) -> None:
+    """TensorBoardCallback picks its folder in on_train_begin; a log before that would open ./runs in the cwd."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and getattr(callback, "logging_dir", None) is None:
+            callback.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
 
 
 def evaluate_before_training(trainer: Any, **kwargs: Any) -> dict[str, float]:
@@ -18,9 +31,21 @@ def evaluate_before_training(trainer: Any, **kwargs: Any) -> dict[str, float]:
     flags it as prepared; train() then skips the DistributedDataParallel wrap, so every rank
     trains on its own gradients and the replicas drift apart (seen with transformers 5.23 /
     accelerate 1.15 on 2 gloo processes). Undo the flag so train() wraps the model as usual.
+    Under FSDP2 the model is sharded first, as train() would (see shard_for_training); under DeepSpeed
+    ZeRO-3 the inference engine evaluate() builds is dropped, so train() builds its training engine.
+    (ZeRO-2 cannot evaluate before training: transformers' evaluate() refuses ZeRO inference below stage 3.)
     """
+    if _is_fsdp2(trainer):
+        shard_for_training(trainer)
+    _log_beside_output(trainer)
     metrics = trainer.evaluate(metric_key_prefix="eval_before", **kwargs)
     model, accelerator = trainer.model, trainer.accelerator
+    if getattr(trainer, "is_deepspeed_enabled", False) and trainer.model_wrapped is not model:
+        # evaluate() wrapped the model in a ZeRO-3 *inference* engine; train() would keep it and never build
+        # its training engine (backward then fails on accelerate's missing engine). Hand train() the bare model.
+        if trainer.model_wrapped in accelerator._models:
+            accelerator._models.remove(trainer.model_wrapped)
+        trainer.model_wrapped, trainer.deepspeed = model, None
     sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
     if accelerator.num_processes > 1 and not sharded and trainer.model_wrapped is model:
         if getattr(model, "_is_accelerate_prepared", False):
@@ -28,6 +53,64 @@ def evaluate_before_training(trainer: Any, **kwargs: Any) -> dict[str, float]:
         if model in accelerator._models:
             accelerator._models.remove(model)
     return metrics
+
+
+def _is_fsdp2(trainer: Any) -> bool:
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) and getattr(plugin, "fsdp_version", 1) == 2
+
+
+def shard_for_training(trainer: Any) -> None:
+    """Under FSDP2, shard the trainer's model now, exactly as train() begins: optimizer first, then both prepared.
+
+    accelerate shards an FSDP2 model only together with its optimizer (whose parameters it swaps for
+    the shards), so Trainer.evaluate() on a model not yet trained raises in Accelerator.prepare
+    (transformers 5.23, huggingface/transformers#48841; on GPUs too). train() then finds the model
+    sharded (accelerate leaves an FSDPModule as it is), reshards it after the evaluation's forward
+    passes, and keeps the optimizer it already has.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(trainer.model, FSDPModule):
+        return
+    trainer.create_optimizer()
+    trainer.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    trainer.model_wrapped = trainer.model
+
+
+def shard_over_gloo_when_launched_with_fsdp() -> None:
+    """Make `accelerate launch` with an FSDP config shard over the gloo group on a machine without GPUs.
+
+    Call only for a CPU multi-process run (rlhf.recipe does, when it sets use_cpu), before the
+    Trainer builds its Accelerator. accelerate 1.15 turns a run into FSDP only when it runs on
+    accelerator devices (MULTI_GPU, MULTI_XPU, ...; state.py, AcceleratorState.__init__); on CPU
+    the state stays MULTI_CPU and the run is silently plain DDP, though torch's fully_shard works
+    on gloo. After accelerate builds its state, this switches a MULTI_CPU state that was given an
+    FSDP plugin to FSDP, as accelerate does for GPUs. Installed once per process; a no-op unless
+    ACCELERATE_USE_FSDP is set (which `accelerate launch` does for `distributed_type: FSDP`).
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(AcceleratorState.__init__, "shards_over_gloo", False):
+        return
+    accelerate_init = AcceleratorState.__init__
+
+    def init_then_shard_over_gloo(self: Any, *args: Any, **kwargs: Any) -> None:
+        accelerate_init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+            # The same three steps accelerate takes for GPUs (AcceleratorState.__init__).
+            if self._mixed_precision != "no":
+                plugin.set_mixed_precision(self._mixed_precision)
+            self.distributed_type = DistributedType.FSDP  # self.__dict__ is the shared state
+            self.fsdp_plugin = plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    init_then_shard_over_gloo.shards_over_gloo = True  # type: ignore[attr-defined]
+    AcceleratorState.__init__ = init_then_shard_over_gloo  # type: ignore[method-assign]
 
 
 def shutdown_distributed() -> None:

@@ -54,6 +54,11 @@ def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) ->
     # gloo process group only when told the run is on CPU; otherwise every rank silently trains alone.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in training_fields:
         values.setdefault("use_cpu", True)
+        if values["use_cpu"] is True:
+            from rlhf.distributed import shard_over_gloo_when_launched_with_fsdp
+
+            # Under an FSDP config that alone would make the run plain DDP: shard over gloo instead.
+            shard_over_gloo_when_launched_with_fsdp()
     # Recomputing activations saves GPU memory; on CPU it only costs time. transformers 5.24 renamed
     # gradient_checkpointing to activation_checkpointing; set whichever this version has.
     if "gradient_checkpointing" not in values and "activation_checkpointing" not in values:

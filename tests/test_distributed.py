@@ -118,7 +118,7 @@ def stage_recipes(base: Path, out: Path) -> dict[str, dict]:
     }
 
 
-def launch(report: Path, runs: list[tuple[str, Path, list[str]]], timeout: int = 400) -> dict:
+def launch(report: Path, runs: list[tuple[str, Path, list[str]]], timeout: int = 400, config: str = "ddp.yaml") -> dict:
     """`accelerate launch` 2 processes over gloo running `runs` in order; the per-stage report of rank 0."""
     with socket.socket() as sock:  # a free rendezvous port, so parallel sessions never collide
         sock.bind(("127.0.0.1", 0))
@@ -127,7 +127,7 @@ def launch(report: Path, runs: list[tuple[str, Path, list[str]]], timeout: int =
     for i, (stage, recipe, overrides) in enumerate(runs):
         argv += (["::"] if i else []) + [stage, str(recipe), *overrides]
     command = [
-        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml")),
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)),
         *("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)),
         str(REPO / "tests" / "distributed_stage.py"),
         *argv,
