@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import AutoTokenizer
 
-from rlhf.config import Recipe
+from rlhf.config import Recipe, RecipeError
 from rlhf.data import prepare_datasets
+from rlhf.modeling import load_tokenizer
 from rlhf.pipeline.spec import Pipeline, PlannedStage, check_command_call, without_secrets
+from rlhf.plan import machine_memory, plan_values, read_accelerate_config
 
 # Stages whose training rows are rendered with their loss mask before the first training stage runs.
 RENDERED_STAGES = ("sft", "reward", "dpo", "distill")
@@ -33,46 +33,38 @@ def write_stage_recipe(pipeline: Pipeline, planned: PlannedStage) -> Path:
 
 
 def estimate_memory(pipeline: Pipeline, planned: PlannedStage) -> dict[str, Any] | None:
-    """Rough peak memory of a training stage: model copies × parameters × bytes + optimizer state."""
-    values, stage = planned.recipe_values, planned.stage
-    source = values.get("model_name_or_path", "")
-    # follow wired inputs back to a checkpoint whose config exists (or will: use the root's config)
-    config_path = None
-    for candidate in [source, *(str(pipeline.stage_dir(s.name)) for s in pipeline.stages)]:
-        if candidate and (Path(candidate) / "config.json").exists():
-            config_path = Path(candidate) / "config.json"
-            break
-    if config_path is None:
-        return None
-    config = json.loads(config_path.read_text())
-    hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
-    vocab, inter = config.get("vocab_size", 0), config.get("intermediate_size", 4 * hidden)
-    params = vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter)
-    trained, frozen = stage.trained_copies, stage.frozen_copies
-    lora = bool(values.get("use_peft"))
-    if lora and stage.reference_is_policy_under_lora:
-        frozen = max(0, frozen - 1)
-    weight_bytes = 2 if values.get("bf16") or values.get("fp16") else 4
-    # Weights, plus per trainable parameter a gradient and Adam's m and v (4 + 8 bytes); under LoRA
-    # roughly 2% of the parameters train, with fp32 gradients and Adam state (16 bytes each).
-    per_trained = params * (weight_bytes + (0.02 * 16 if lora else 4 + 8))
-    total = trained * per_trained + frozen * params * weight_bytes
-    return {"parameters": params, "trained_copies": trained, "frozen_copies": frozen, "estimated_bytes": int(total)}
+    """Peak memory of a training stage on this machine (rlhf.plan), or None when no model config is found.
 
+    A model path an earlier stage will write is followed to the first config that exists now (the
+    path itself, else the outputs of the pipeline's stages in order, e.g. the base checkpoint): the
+    architecture is what matters, and a stage keeps it.
+    """
+    roots = [str(pipeline.stage_dir(s.name)) for s in pipeline.stages]
 
-def _machine_memory() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    def resolve(path: str) -> str | None:
+        return next((c for c in [path, *roots] if c and (Path(c) / "config.json").exists()), None)
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # under accelerate launch: one share per process
+    try:
+        plan = plan_values(
+            planned.stage, planned.recipe_values, read_accelerate_config(None, processes), resolve=resolve
+        )
+    except RecipeError:
+        return None  # nothing to size yet; the stage's own checks have already run
+    return {
+        "parameters": plan.models[0].parameters,
+        "models": {m.role: m.parameters for m in plan.models},
+        "peak_moment": plan.peak_moment,
+        "largest": {name: int(value) for name, value in plan.largest()},
+        "estimated_bytes": plan.total,
+    }
 
 
 def preflight(
     pipeline: Pipeline, planned: list[PlannedStage], echo: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], dict[str, Recipe]]:
     """Check every stage about to run; return (report, each training stage's parsed recipe). No model loads."""
-    report: dict[str, Any] = {"stages": {}, "machine_memory_bytes": _machine_memory()}
+    report: dict[str, Any] = {"stages": {}, "machine_memory_bytes": machine_memory()}
     recipes: dict[str, Recipe] = {}
     for entry in planned:
         if entry.command:
@@ -98,7 +90,7 @@ def render_examples(recipe: Recipe, data_format: str, count: int = 2) -> list[st
     source = recipe.model.model_name_or_path
     if not (Path(source) / "tokenizer_config.json").exists():
         return []
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)  # the template the stage will use
     data_args = dataclasses.replace(recipe.data, synthetic_num_examples=8)
     train, _, _ = prepare_datasets(data_args, data_format, recipe.training.seed)
     rendered = []
