@@ -134,7 +134,7 @@ def test_reward(family: Family, family_sft: Path, family_reward: Path, family_da
 def test_dpo(family: Family, family_sft: Path, tmp_path: Path, family_data: dict[str, Path]):
     out = run_stage(
         "dpo", tmp_path, "dpo", model_name_or_path=str(family_sft), dataset_name=str(family_data["preference_train"]),
-        max_length=96, **FAST,
+        max_length=160, **FAST,
     )  # fmt: skip
     assert not torch.equal(_logits(out, _probe(family_sft)), _logits(family_sft, _probe(family_sft)))
 
