@@ -255,7 +255,9 @@ class HealthCallback(TrainerCallback):
             action = self.actions.get(name, self.default_action)
             if name not in self._firing:  # one event per onset, not one per log while it lasts
                 self._firing.add(name)
-                self.health_events.append({"step": state.global_step, "alarm": name, "message": message, "action": action})
+                self.health_events.append(
+                    {"step": state.global_step, "alarm": name, "message": message, "action": action}
+                )
                 logger.warning("health alarm %s at step %d: %s", name, state.global_step, message)
             if action == "stop":
                 self._stop(args, state, name, message)

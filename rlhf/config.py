@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 from trl import ModelConfig, ScriptArguments
 
+# `value_model_path: shared`: PPO's critic is a value head on the policy's own backbone (rlhf.ppo.models).
+SHARED_VALUE_HEAD = "shared"
+
 
 class RecipeError(ValueError):
     """A mistake in a recipe, its data or its paths: the message names the field and the fix."""

@@ -19,9 +19,11 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GenerationConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from trl import ModelConfig, get_quantization_config
 
 from rlhf.config import RecipeError
@@ -208,6 +210,28 @@ def _ensure_eos(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
         )
 
 
+def is_encoder(config: PreTrainedConfig) -> bool:
+    """Whether a checkpoint is a bidirectional encoder (BERT, RoBERTa, DeBERTa, ModernBERT, ...), not a causal LM.
+
+    `is_decoder` alone cannot tell (a Llama config leaves it False): an encoder is a model type with a
+    masked-LM architecture, not configured as a decoder and not an encoder-decoder (BART reads its EOS).
+    A remote-code model is judged by the architectures its checkpoint was saved with.
+    """
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return False
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return True
+    return any(name.endswith("ForMaskedLM") for name in getattr(config, "architectures", None) or [])
+
+
+def _is_encoder_checkpoint(source: str, revision: str | None, trust_remote_code: bool) -> bool:
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # a tokenizer-only folder: nothing says it is an encoder
+        return False
+    return is_encoder(config)
+
+
 def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make it ready for training: EOS, pad token, chat template.
 
@@ -222,6 +246,8 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> 
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=model_args.model_revision, trust_remote_code=trust_remote_code
     )
+    if _is_encoder_checkpoint(source, model_args.model_revision, trust_remote_code):
+        return tokenizer  # an encoder reads (prompt, response) as its native pair: no EOS, no chat template
     _ensure_eos(tokenizer, source)
     if tokenizer.pad_token is None:
         # Padding with EOS hides the stop token from the loss in some collators; prefer a distinct one.

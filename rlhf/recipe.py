@@ -15,6 +15,7 @@ from typing import Any
 
 from rlhf.artifacts import check_output_dir
 from rlhf.config import (
+    SHARED_VALUE_HEAD,
     DataArguments,
     ModelArguments,
     Recipe,
@@ -172,6 +173,8 @@ def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
     for name in MODEL_PATH_FIELDS:
         for config in (recipe.model, recipe.training):
             value = getattr(config, name, None)
+            if name == "value_model_path" and value == SHARED_VALUE_HEAD:
+                continue  # a value head on the policy itself: nothing to find
             if isinstance(value, str) and value and str(Path(value)) not in pending:
                 check_model_source(value, name, allow_pickle=recipe.model.allow_pickle_weights)
     check_data_sources(recipe.data)

@@ -6,9 +6,11 @@
   each source's values in PPO, GRPO and RLOO alike.
 - A reward model's record: what the reward stage wrote to its metrics.json (`reward_model_record`)
   and the quality gate on it (`check_reward_quality`).
-- Scoring: `reward_model_input_ids` tokenises (prompt, completion) exactly as TRL's RewardTrainer
-  tokenised the chosen/rejected examples it trained on, and `score_token_ids` reads the score where
-  transformers' sequence-classification head pools (the last non-pad token), by calling the model.
+- Scoring: `reward_model_inputs` is the one rule for how a reward model reads (prompt, completion):
+  a causal-LM-based one exactly as TRL's RewardTrainer tokenises (`reward_model_input_ids`), an
+  encoder (`is_encoder`) by its native pair encoding. The reward stage trains on it; PPO, GRPO/RLOO
+  (`reward_model_function`) and evaluation score through `reward_model_scores`, and `score_inputs`
+  reads the score the way the model's own forward pools (last non-pad token; an encoder's [CLS]).
 - Log-probabilities: `response_logprobs` (prompts left-padded to one width, responses after it) and
   `sequence_kl`, used by PPO's rollouts and evaluation alike.
 """
@@ -24,13 +26,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import pad, selective_log_softmax
 
 from rlhf.artifacts import METRICS_FILE, read_metrics
 from rlhf.callbacks import TrainingStopped
 from rlhf.config import RecipeError
-from rlhf.modeling import check_model_source
+from rlhf.modeling import check_model_source, is_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +267,54 @@ def completions_for(prompts: list[Any], responses: list[str]) -> list[Any]:
     return [[{"role": "assistant", "content": r}] if isinstance(p, list) else r for p, r in zip(prompts, responses)]
 
 
+def completion_text(completion: Any) -> str:
+    """The text of a completion in TRL's layout: a string, or the content of its (assistant) messages."""
+    if isinstance(completion, list):
+        return "\n".join(message["content"] for message in completion)
+    return completion
+
+
+def encoder_prompt_text(prompt: Any) -> str:
+    """A prompt as the first text of an encoder's pair: a plain prompt as is, a one-message conversation its
+    content, a longer one `role: content` lines (an encoder has no chat template to mark the turns)."""
+    if not isinstance(prompt, list):
+        return prompt
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n".join(f"{message['role']}: {message['content']}" for message in prompt)
+
+
+def encoder_max_length(config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The longest input an encoder reads: its position table, or the tokenizer's limit when that is smaller."""
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]  # unset: a huge int
+    return min(limits) if limits else None
+
+
+def reward_model_inputs(
+    tokenizer: PreTrainedTokenizerBase, config: PreTrainedConfig, prompt: Any, completion: Any
+) -> dict[str, list[int]]:
+    """The one rule for how a reward model (of `config`) reads (prompt, completion): what the reward stage
+    trains on and what PPO, GRPO/RLOO and evaluation score.
+
+    - A causal-LM-based reward model: `reward_model_input_ids`, exactly as TRL's RewardTrainer tokenises.
+    - An encoder (`is_encoder`): its native pair encoding, `tokenizer(prompt text, completion text)`
+      (`[CLS] prompt [SEP] completion [SEP]` for BERT), truncated (longest side first) to what its position
+      table holds. Token type ids come along when the model has segment embeddings (`type_vocab_size` > 1).
+    """
+    text = completion_text(completion)
+    if not is_encoder(config):
+        return {"input_ids": reward_model_input_ids(tokenizer, prompt, text)}
+    max_length = encoder_max_length(config, tokenizer)
+    encoding = tokenizer(
+        encoder_prompt_text(prompt), text, truncation="longest_first" if max_length else False, max_length=max_length
+    )
+    inputs = {"input_ids": list(encoding["input_ids"])}
+    if getattr(config, "type_vocab_size", 0) > 1 and "token_type_ids" in encoding:
+        inputs["token_type_ids"] = list(encoding["token_type_ids"])
+    return inputs
+
+
 def reward_model_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: str) -> list[int]:
     """Token ids of (prompt, completion) as TRL's RewardTrainer tokenises a chosen/rejected example.
 
@@ -282,36 +332,67 @@ def reward_model_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, comp
 
 
 @torch.no_grad()
-def score_token_ids(
-    model: PreTrainedModel, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32
+def score_inputs(
+    model: PreTrainedModel, inputs: list[dict[str, list[int]]], pad_token_id: int, batch_size: int = 32
 ) -> torch.Tensor:
-    """The reward model's scalar score of each tokenized sequence, on the CPU.
+    """The reward model's scalar score of each encoded input (`reward_model_inputs`), on the CPU.
 
     Right-padded, as RewardTrainer's collator pads; the model's own forward picks the scored token
-    (the last non-pad one for a decoder, the pooled first token for an encoder).
+    (the last non-pad one for a decoder, the pooled first token, [CLS], for an encoder).
     """
     was_training = model.training
     model.eval()
     scores = []
-    for start in range(0, len(sequences), batch_size):
-        batch = [torch.tensor(ids, dtype=torch.long) for ids in sequences[start : start + batch_size]]
-        input_ids = pad(batch, padding_value=pad_token_id).to(model.device)
-        attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0).to(model.device)
-        scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        batch = {
+            key: pad(
+                [torch.tensor(row[key], dtype=torch.long) for row in chunk],
+                padding_value=pad_token_id if key == "input_ids" else 0,
+            ).to(model.device)
+            for key in chunk[0]
+        }
+        batch["attention_mask"] = pad(
+            [torch.ones(len(row["input_ids"]), dtype=torch.long) for row in chunk], padding_value=0
+        ).to(model.device)
+        scores.append(model(**batch).logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(scores) if scores else torch.empty(0)
+
+
+def score_token_ids(
+    model: PreTrainedModel, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32
+) -> torch.Tensor:
+    """`score_inputs` of plain token id sequences (no token type ids)."""
+    return score_inputs(model, [{"input_ids": list(ids)} for ids in sequences], pad_token_id, batch_size)
 
 
 def reward_model_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[Any],
-    completions: list[str],
+    completions: list[Any],
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """Scores of completion texts after their (plain or conversational) prompts, tokenised as in reward training."""
-    sequences = [reward_model_input_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
-    return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+    """Scores of completions (texts, or TRL's message lists) after their prompts, encoded as in reward training."""
+    inputs = [reward_model_inputs(tokenizer, model.config, p, c) for p, c in zip(prompts, completions)]
+    return score_inputs(model, inputs, tokenizer.pad_token_id, batch_size)
+
+
+def reward_model_function(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, batch_size: int = 32
+) -> Callable[..., list[float]]:
+    """A reward model as a TRL reward function (prompts, completions, **kw), scoring through `reward_model_scores`.
+
+    For GRPO/RLOO with an encoder reward model: TRL would score it on a chat-template text, not the
+    pair encoding it was trained on. `name` becomes the function's `__name__`, which TRL's log keys use.
+    """
+
+    def score(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        return reward_model_scores(model, tokenizer, prompts, completions, batch_size).tolist()
+
+    score.__name__ = score.__qualname__ = name
+    return score
 
 
 # ---------------------------------------------------------------------------------------------

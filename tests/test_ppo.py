@@ -30,6 +30,7 @@ from rlhf.ppo import (
     whiten,
 )
 from rlhf.ppo.checkpoint import PPO_STATE_FILE, load_checkpoint, save_checkpoint
+from rlhf.ppo.models import ValueHead
 from rlhf.rewards import reward_model_record
 from rlhf.stages import ppo
 from tests.conftest import write_recipe
@@ -40,8 +41,9 @@ from tests.conftest import write_recipe
 def test_response_mask_keeps_tokens_up_to_and_including_the_first_stop_token():
     responses = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 9, 9, 9]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(response_mask(responses, stop_token_id=1), expected)
-    assert response_mask(responses, stop_token_id=None).all()
+    assert torch.equal(response_mask(responses, stop_token_ids=1), expected)
+    assert torch.equal(response_mask(responses, stop_token_ids=[1, 99]), expected)
+    assert response_mask(responses, stop_token_ids=None).all()
 
 
 def test_kl_estimators_match_hand_computed_values():
@@ -394,6 +396,11 @@ def test_a_plain_sequence_classifier_without_metrics_is_used_with_raw_scores(
         )
     assert metrics["train"]["train_updates"] == 1
     assert metrics["reward_stats"] is None and metrics["reward_model_accuracy"] is None
+    # A causal reward model with the policy's tokenizer is where the value model starts by default.
+    assert metrics["value_model"] == {
+        "path": str(plain),
+        "reason": "the reward model, which shares the policy's tokenizer",
+    }
     assert len([r for r in caplog.records if "raw scores" in r.getMessage()]) == 1  # said once
     assert math.isfinite(metrics["eval"]["eval_reward"])
 
@@ -460,7 +467,7 @@ def test_checkpoints_restore_tied_weights_and_refuse_missing_ones(tiny_checkpoin
 
 def test_reward_and_value_models_load_with_the_policy_settings():
     policy_args = ModelArguments(model_name_or_path="policy", dtype="float32", allow_pickle_weights=True)
-    sibling = ppo._sibling_model_args(policy_args, "reward")
+    sibling = ppo.sibling_model_args(policy_args, "reward")
     assert isinstance(sibling, ModelArguments) and sibling.model_name_or_path == "reward"
     assert sibling.allow_pickle_weights and sibling.dtype == "float32"
 
@@ -471,3 +478,72 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_checkpoint: Path, tm
         trainer.state.global_step = step
         save_checkpoint(trainer.accelerator, trainer.state, trainer.args.output_dir, save_total_limit=2)
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_shared_value_head_trains_and_saves_only_the_policy(tiny_sft_checkpoint: Path, tmp_path: Path):
+    # The stage with `value_model_path: shared` under LoRA: policy, reference (adapters off) and critic share a base.
+    metrics = run_ppo(
+        tmp_path,
+        "shared",
+        tiny_sft_checkpoint,
+        reward_funcs=["tests.test_ppo:polite_reward"],
+        value_model_path="shared",
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        max_steps=3,
+        num_ppo_epochs=2,
+        max_eval_samples=16,
+    )
+    assert metrics["train"]["train_updates"] == 3 and metrics["value_model"]["path"] == "shared"
+    assert math.isfinite(metrics["eval"]["eval_reward"])
+    # The output is the policy alone: a plain causal LM with exactly the SFT checkpoint's weights' names,
+    # the LoRA updates merged into them.
+    saved, start = (
+        load_file(tmp_path / "shared" / "model.safetensors"),
+        load_file(tiny_sft_checkpoint / "model.safetensors"),
+    )
+    assert set(saved) == set(start)
+    assert not torch.equal(
+        saved["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"]
+    )
+    AutoModelForCausalLM.from_pretrained(tmp_path / "shared")
+
+
+def test_a_shared_value_head_trains_beside_lora_adapters_on_one_base(tiny_sft_checkpoint: Path, tmp_path: Path):
+    # The trainable weights are the adapters and the head; every weight is stored once.
+    model_args = ModelConfig(model_name_or_path=str(tiny_sft_checkpoint))
+    tokenizer = load_tokenizer(model_args)
+    policy = load_causal_lm(model_args)
+    align_generation_config(policy, tokenizer)
+    base_numel = sum(p.numel() for p in policy.parameters())
+    trainer = PPOTrainer(
+        args=PPOConfig(
+            output_dir=str(tmp_path / "direct"),
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+            per_device_train_batch_size=4,
+            num_ppo_epochs=1,
+            response_length=4,
+            max_steps=1,
+            save_strategy="no",
+        ),
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=None,
+        train_dataset=make_synthetic_dataset("prompts", 8, seed=0),
+        value_model=ValueHead.for_policy(policy),
+        reward_funcs=[rule_reward],
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    assert trainer.ref_model is None
+    storages = {p.data_ptr(): p.numel() for p in trainer.model.parameters()}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    head = sum(p.numel() for p in trainer.value_model.parameters())
+    assert sum(storages.values()) - trainable <= base_numel and head == policy.config.hidden_size + 1
+    before = trainer.value_model.summary.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, trainer.value_model.summary.weight)  # the critic trained

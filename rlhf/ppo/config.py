@@ -48,7 +48,13 @@ class PPOConfig(TrainingArguments, RewardSourceArguments, DivergenceArguments):
         default=True, metadata={"help": "Standardise reward-model scores with the reward stage's reward_stats."}
     )
     value_model_path: str | None = field(
-        default=None, metadata={"help": "Value model start; default the reward model, else the policy + new head."}
+        default=None,
+        metadata={
+            "help": "Value model start (a causal LM checkpoint with the policy's tokenizer); 'shared': a value head "
+            "on the policy's own last hidden state (one backbone; with LoRA one base copy for policy, reference "
+            "and critic); unset: the reward model when it is such a checkpoint, else a new value head on the "
+            "policy checkpoint."
+        },
     )
     ref_adapter_name: str | None = field(default=None, metadata={"help": "LoRA: adapter used as reference."})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial value if adaptive)."})

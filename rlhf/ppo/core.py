@@ -32,11 +32,17 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) ->
     return whitened * mask.to(values.dtype)
 
 
-def response_mask(responses: torch.Tensor, stop_token_id: int | None) -> torch.Tensor:
+def is_stop_token(responses: torch.Tensor, stop_token_ids: int | list[int] | None) -> torch.Tensor:
+    """True where a response token is one of the stop tokens (a model may end a turn on several)."""
+    ids = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids or [])
+    return torch.isin(responses, torch.tensor(ids, dtype=responses.dtype, device=responses.device))
+
+
+def response_mask(responses: torch.Tensor, stop_token_ids: int | list[int] | None) -> torch.Tensor:
     """True for response tokens up to and including the first stop token; False after it."""
-    if stop_token_id is None:
+    if not stop_token_ids and stop_token_ids != 0:
         return torch.ones_like(responses, dtype=torch.bool)
-    is_stop = responses == stop_token_id
+    is_stop = is_stop_token(responses, stop_token_ids)
     # A token is kept when no stop token occurs strictly before it.
     stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
     return stops_before == 0

@@ -1,4 +1,9 @@
-"""The models of a PPO run: policy and value model trained as one module, the reference, the frozen scorers."""
+"""The models of a PPO run: policy and value model trained as one module, the reference, the frozen scorers.
+
+The value model is a sequence classifier of its own (its score head read at every token), or, with
+`value_model_path: shared`, a `ValueHead` on the policy's last hidden state: one backbone serves as
+policy, critic and (under LoRA, adapters off) reference.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,57 @@ from torch import nn
 from transformers import PreTrainedModel
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
+from rlhf.config import SHARED_VALUE_HEAD
 from rlhf.rewards import position_ids
+
+SHARED = SHARED_VALUE_HEAD  # value_model_path: a value head on the policy's own backbone
+
+
+class ValueHead(nn.Module):
+    """A scalar value of every token from the policy's last hidden state (older TRL's
+    AutoModelForCausalLMWithValueHead): PPO's critic without a second backbone."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1, dtype=dtype)
+        # Small weights and no bias: values start near 0 and the advantages near the rewards.
+        nn.init.normal_(self.summary.weight, std=init_std)
+        nn.init.zeros_(self.summary.bias)
+
+    @classmethod
+    def for_policy(cls, policy: PreTrainedModel) -> ValueHead:
+        """A new head sized and typed for `policy` (drawn from torch's RNG: seed before calling)."""
+        config = policy.config.get_text_config()
+        dtype = next(p.dtype for p in policy.parameters() if p.is_floating_point())
+        return cls(config.hidden_size, dtype, getattr(config, "initializer_range", 0.02))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def policy_forward(
+    policy: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False
+) -> Any:
+    """The policy's forward on left-padded input (positions from the first real token); with `hidden`, its
+    hidden states too."""
+    return policy(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        output_hidden_states=hidden or None,
+    )
+
+
+def token_values(
+    value_model: PreTrainedModel | ValueHead,
+    policy: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The value of every token: a value model's score head, or a shared `ValueHead` on the policy's last layer."""
+    if isinstance(value_model, ValueHead):
+        return value_model(policy_forward(policy, input_ids, attention_mask, hidden=True).hidden_states[-1])
+    return token_scores(value_model, input_ids, attention_mask)
 
 
 def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,17 +81,22 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
 
 
 class PolicyAndValue(nn.Module):
-    """Policy and value model behind one forward, so one `accelerator.prepare` (DDP) covers both."""
+    """Policy and value model behind one forward, so one `accelerator.prepare` (DDP) covers both.
 
-    def __init__(self, policy: PreTrainedModel, value_model: PreTrainedModel) -> None:
+    With a shared `ValueHead`, one pass through the policy gives the logits and the hidden states the
+    head reads. Its state dict holds the policy and the head once each (the head holds no policy).
+    """
+
+    def __init__(self, policy: PreTrainedModel, value_model: PreTrainedModel | ValueHead) -> None:
         super().__init__()
         self.policy = policy
         self.value_model = value_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).logits
+        if isinstance(self.value_model, ValueHead):
+            output = policy_forward(self.policy, input_ids, attention_mask, hidden=True)
+            return output.logits, self.value_model(output.hidden_states[-1])
+        logits = policy_forward(self.policy, input_ids, attention_mask).logits
         return logits, token_scores(self.value_model, input_ids, attention_mask)
 
 

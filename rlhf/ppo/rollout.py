@@ -19,8 +19,8 @@ from trl.trainer.utils import entropy_from_logits, pad
 
 from rlhf.config import RecipeError
 from rlhf.ppo.config import PPOConfig
-from rlhf.ppo.core import masked_mean, response_mask
-from rlhf.ppo.models import token_scores
+from rlhf.ppo.core import is_stop_token, masked_mean, response_mask
+from rlhf.ppo.models import ValueHead, token_values
 from rlhf.rewards import (
     RewardGuard,
     check_reward_weights,
@@ -96,7 +96,7 @@ def generate(
     prompt_ids: list[list[int]],
     *,
     pad_token_id: int,
-    stop_token_id: int | None,
+    stop_token_ids: list[int],
     max_new_tokens: int,
     temperature: float,
     do_sample: bool,
@@ -108,12 +108,12 @@ def generate(
     context_length = queries.shape[1]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens if stop_token_id is None else None,
+        min_new_tokens=max_new_tokens if not stop_token_ids else None,
         do_sample=do_sample,
         temperature=temperature if do_sample else None,
         top_k=0 if do_sample else None,
         top_p=1.0 if do_sample else None,
-        eos_token_id=stop_token_id,
+        eos_token_id=stop_token_ids or None,
         pad_token_id=pad_token_id,
         use_cache=True,
         # Weights that blew up give NaN logits; sampling from them would crash with a traceback before
@@ -136,7 +136,7 @@ def generate(
         chunks.append(response)
     policy.train(was_training)
     responses = torch.cat(chunks)
-    mask = response_mask(responses, stop_token_id)
+    mask = response_mask(responses, stop_token_ids)
     responses = responses.masked_fill(~mask, pad_token_id)
     return torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1), context_length
 
@@ -230,7 +230,7 @@ class Rollout:
     completions: list[str] = field(default_factory=list)
 
     def metrics(
-        self, kl: torch.Tensor, non_score_reward: torch.Tensor, stop_token_id: int | None
+        self, kl: torch.Tensor, non_score_reward: torch.Tensor, stop_token_ids: list[int]
     ) -> dict[str, torch.Tensor | float]:
         """This process's rollout metrics under TRL's names, given the per-token KL and KL penalty."""
         mask, kept = self.mask, ~self.skipped
@@ -245,7 +245,7 @@ class Rollout:
             "policy/entropy_rollout": masked_mean(self.entropy, mask),
             "response_length/mean": mask.float().sum(1).mean(),
             "val/eos_fraction": (
-                (self.responses == stop_token_id).any(1).float().mean() if stop_token_id is not None else 0.0
+                is_stop_token(self.responses, stop_token_ids).any(1).float().mean() if stop_token_ids else 0.0
             ),
         }
 
@@ -259,10 +259,10 @@ class RolloutMaker:
         tokenizer: PreTrainedTokenizerBase,
         rewards: RewardSources,
         accelerator: Accelerator,
-        stop_token_id: int | None,
+        stop_token_ids: list[int],
     ) -> None:
         self.args, self.tokenizer, self.rewards, self.accelerator = args, tokenizer, rewards, accelerator
-        self.stop_token_id = stop_token_id
+        self.stop_token_ids = stop_token_ids
         self.temperature = args.temperature + 1e-7  # TRL's guard against a zero temperature
 
     def logprobs(
@@ -278,7 +278,7 @@ class RolloutMaker:
             policy,
             prompt_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-            stop_token_id=self.stop_token_id,
+            stop_token_ids=self.stop_token_ids,
             max_new_tokens=self.args.response_length,
             temperature=self.temperature,
             do_sample=do_sample,
@@ -309,7 +309,7 @@ class RolloutMaker:
         self,
         policy: PreTrainedModel,
         reference: ReferenceContext,
-        value_model: PreTrainedModel,
+        value_model: PreTrainedModel | ValueHead,
         prompts: list[dict[str, Any]],
         where: str = "update",
     ) -> tuple[Rollout, dict[str, float]]:
@@ -328,12 +328,12 @@ class RolloutMaker:
                 entropies.append(entropy_from_logits(logits.float()))
                 with reference() as reference_model:
                     ref_logprobs.append(self.logprobs(reference_model, ids, attn, context_length)[0])
-                values.append(token_scores(value_model, ids, attn)[:, context_length - 1 : -1].float())
+                values.append(token_values(value_model, policy, ids, attn)[:, context_length - 1 : -1].float())
             logprobs.append(logprob)
         completions = completion_texts(self.tokenizer, responses, mask)
         scores, parts, skipped = self.score([p["row"] for p in prompts], completions, where, across_processes=True)
-        if args.missing_eos_penalty is not None and self.stop_token_id is not None:
-            scores = scores - args.missing_eos_penalty * (~(responses == self.stop_token_id).any(1)).float()
+        if args.missing_eos_penalty is not None and self.stop_token_ids:
+            scores = scores - args.missing_eos_penalty * (~is_stop_token(responses, self.stop_token_ids).any(1)).float()
         rollout = Rollout(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -40,6 +40,7 @@ from transformers.trainer_callback import CallbackHandler, PrinterCallback
 
 from rlhf.callbacks import TrainingStopped, divergence_message
 from rlhf.config import RecipeError
+from rlhf.modeling import eos_token_ids
 from rlhf.ppo.checkpoint import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import (
@@ -52,6 +53,7 @@ from rlhf.ppo.core import (
 )
 from rlhf.ppo.models import (
     PolicyAndValue,
+    ValueHead,
     freeze,
     prepare_for_rollouts,
     reference_for,
@@ -68,7 +70,8 @@ logger = logging.getLogger(__name__)
 
 class PPOTrainer(PPOOptimization):
     """PPO with a policy, a reference (a frozen copy, or the policy with LoRA adapters disabled), reward
-    sources (a reward model and/or Python reward functions) and a value model.
+    sources (a reward model and/or Python reward functions) and a value model (a sequence classifier, or a
+    `ValueHead` on the policy's own last hidden state).
 
     Logs, callbacks and `trainer_state.json` follow `transformers.Trainer`, so the same plotting and
     callbacks work; checkpoints are `checkpoint-<update>/` folders written by `Accelerator.save_state`
@@ -84,7 +87,7 @@ class PPOTrainer(PPOOptimization):
         ref_model: PreTrainedModel | None,
         reward_model: PreTrainedModel | None,
         train_dataset: Dataset,
-        value_model: PreTrainedModel,
+        value_model: PreTrainedModel | ValueHead,
         eval_dataset: Dataset | None = None,
         reward_funcs: list[RewardFunction] | None = None,
         reward_processing_class: PreTrainedTokenizerBase | None = None,
@@ -113,8 +116,10 @@ class PPOTrainer(PPOOptimization):
             # The loop steps the scheduler once per update, not once per optimizer step.
             step_scheduler_with_optimizer=False,
         )
-        self.stop_token_id = processing_class.eos_token_id if args.stop_token == "eos" else args.stop_token_id
-        self.rollouts = RolloutMaker(args, processing_class, rewards, self.accelerator, self.stop_token_id)
+        # Every end of turn the policy knows (Gemma's <end_of_turn>, Llama-3's <|eot_id|>), not only the tokenizer's EOS.
+        stop_ids = [args.stop_token_id] if args.stop_token_id is not None else []
+        self.stop_token_ids = eos_token_ids(model, processing_class) if args.stop_token == "eos" else stop_ids
+        self.rollouts = RolloutMaker(args, processing_class, rewards, self.accelerator, self.stop_token_ids)
         model = with_adapters(model, peft_config)
         self.is_peft_model = isinstance(model, PeftModel)
         self.ref_model = reference_for(model, ref_model)
@@ -213,7 +218,7 @@ class PPOTrainer(PPOOptimization):
         return self.accelerator.unwrap_model(self.model).policy
 
     @property
-    def value_model(self) -> PreTrainedModel:
+    def value_model(self) -> PreTrainedModel | ValueHead:
         """The (unwrapped) value model."""
         return self.accelerator.unwrap_model(self.model).value_model
 
@@ -250,7 +255,7 @@ class PPOTrainer(PPOOptimization):
         advantages, returns = compute_gae(rewards, r.values, mask, args.gamma, args.lam)
         advantages = whiten(advantages, mask)
         losses = self._train_on(r, advantages, returns, mask)
-        metrics = {**r.metrics(kl, non_score_reward, self.stop_token_id), **losses}
+        metrics = {**r.metrics(kl, non_score_reward, self.stop_token_ids), **losses}
         metrics.update({f"reward/{name}": value for name, value in parts.items()})
         # Every process holds its own share of the batch: log the mean over all of them.
         metrics = {name: self._gather_mean(value) for name, value in metrics.items()}

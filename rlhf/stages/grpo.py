@@ -23,17 +23,32 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather
+from transformers import AutoConfig, PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer, get_peft_config
 from trl.trainer.utils import is_async_callable
 
 from rlhf.artifacts import finish_stage, start_stage
-from rlhf.callbacks import DivergenceArguments, stage_callbacks
-from rlhf.config import Recipe
+from rlhf.callbacks import DivergenceArguments, bind_trainer, stage_callbacks
+from rlhf.config import ModelArguments, Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
-from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
+from rlhf.modeling import (
+    align_generation_config,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    merge_adapters,
+)
 from rlhf.recipe import parse_recipe
-from rlhf.rewards import RewardGuard, RewardSourceArguments, resolve_reward_sources, reward_source_name
+from rlhf.rewards import (
+    RewardGuard,
+    RewardSourceArguments,
+    is_encoder,
+    resolve_reward_sources,
+    reward_model_function,
+    reward_source_name,
+)
+from rlhf.stages.ppo import sibling_model_args
 
 
 @dataclass
@@ -55,6 +70,7 @@ class CheckedRewards:
         self._returned_none: dict[int, list[bool]] = {}
         noted = [self._noting_none(i, f) if callable(f) else f for i, f in enumerate(reward_funcs)]
         super().__init__(*args, reward_funcs=noted, **kwargs)
+        bind_trainer(self)  # the health judge and the completions table read the sampled completions
 
     def _noting_none(self, index: int, function: Callable[..., Any]) -> Callable[..., Any]:
         """`function` (sync or async, name kept for TRL's log keys), noting where it returned None."""
@@ -95,6 +111,26 @@ class CheckedGRPOTrainer(CheckedRewards, GRPOTrainer):
     """TRL's GRPOTrainer with the recipe's reward checks."""
 
 
+def encoder_reward_function(
+    model_args: ModelArguments, args: RewardSourceArguments, trust_remote_code: bool = False
+) -> tuple[Callable[..., list[float]], PreTrainedModel] | None:
+    """An encoder reward model as a reward function scoring through `rlhf.rewards` (and the model, to place on
+    the trainer's device); None when `reward_model_path` is unset or a causal LM, which TRL scores itself.
+
+    TRL would score an encoder on a chat-template text; this scores it on the pair encoding the reward
+    stage trained it on, so GRPO/RLOO, PPO and evaluation give one (prompt, completion) the same score.
+    """
+    path = args.reward_model_path
+    if not path or not is_encoder(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)):
+        return None
+    reward_args = sibling_model_args(model_args, path)
+    tokenizer = load_tokenizer(reward_args, trust_remote_code)
+    model = load_sequence_classifier(reward_args, tokenizer, trust_remote_code=trust_remote_code)
+    model.requires_grad_(False).eval()
+    name = path.rstrip("/").split("/")[-1]  # the name TRL logs a reward model under
+    return reward_model_function(model, tokenizer, name, getattr(args, "per_device_train_batch_size", 32)), model
+
+
 def train_online_rl(recipe: Recipe, trainer_class: type) -> None:
     """The GRPO/RLOO stage body: TRL's two group-sampling trainers take the same arguments."""
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
@@ -110,6 +146,9 @@ def train_online_rl(recipe: Recipe, trainer_class: type) -> None:
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
     model = load_causal_lm(model_args, recipe.trust_remote_code)
     align_generation_config(model, tokenizer)
+    encoder_scorer = encoder_reward_function(model_args, training_args, recipe.trust_remote_code)
+    if encoder_scorer is not None:
+        reward_funcs[0], encoder_reward_model = encoder_scorer
 
     # Evaluation generates completions for every held-out prompt: run it only when eval_strategy asks for it.
     evaluate = eval_dataset is not None and training_args.eval_strategy != "no"
@@ -125,6 +164,8 @@ def train_online_rl(recipe: Recipe, trainer_class: type) -> None:
         peft_config=get_peft_config(model_args),
         callbacks=stage_callbacks(model_args, training_args),
     )
+    if encoder_scorer is not None:
+        encoder_reward_model.to(trainer.accelerator.device)
 
     eval_before = evaluate_before_training(trainer) if evaluate else {}
     train_result = trainer.train(resume_from_checkpoint=resume_from)

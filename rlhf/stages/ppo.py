@@ -2,19 +2,26 @@
 
 rlhf train recipes/tiny/ppo.yaml
 accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.ppo recipes/tiny/ppo.yaml
+
+The value model (`choose_value_model`, said once at start and recorded in metrics.json): the
+`value_model_path` checkpoint; `shared`, a value head on the policy's own backbone (with LoRA, one
+base copy serves policy, reference and critic); unset, the reward model when it is a causal LM with
+the policy's tokenizer, else a new value head on the policy checkpoint. The output is the policy alone.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Collection
 
-from transformers import set_seed
+from transformers import AutoConfig, PreTrainedTokenizerBase, set_seed
 from trl import get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
-from rlhf.config import ModelArguments, Recipe
+from rlhf.config import ModelArguments, Recipe, RecipeError
 from rlhf.data import prepare_datasets
 from rlhf.data.load import sources
 from rlhf.data.synthetic import rule_reward
@@ -26,13 +33,14 @@ from rlhf.modeling import (
     load_tokenizer,
 )
 from rlhf.ppo import PPOConfig, PPOTrainer
+from rlhf.ppo.models import SHARED, ValueHead
 from rlhf.recipe import parse_recipe
-from rlhf.rewards import RewardModelRecord, resolve_reward_sources, reward_model_record
+from rlhf.rewards import RewardModelRecord, is_encoder, resolve_reward_sources, reward_model_record
 
 logger = logging.getLogger(__name__)
 
 
-def _sibling_model_args(model_args: ModelArguments, path: str) -> ModelArguments:
+def sibling_model_args(model_args: ModelArguments, path: str) -> ModelArguments:
     """Model arguments for another checkpoint (reward/value model): the policy's dtype, attention and pickle consent."""
     return ModelArguments(
         model_name_or_path=path,
@@ -40,6 +48,67 @@ def _sibling_model_args(model_args: ModelArguments, path: str) -> ModelArguments
         attn_implementation=model_args.attn_implementation,
         allow_pickle_weights=model_args.allow_pickle_weights,
     )
+
+
+def same_vocabulary(tokenizer: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers map the same tokens to the same ids (a value model reads the policy's token ids)."""
+    return tokenizer.get_vocab() == other.get_vocab()
+
+
+def choose_value_model(
+    args: PPOConfig,
+    model_args: ModelArguments,
+    policy_tokenizer: PreTrainedTokenizerBase,
+    reward_tokenizer: PreTrainedTokenizerBase | None,
+    trust_remote_code: bool = False,
+) -> tuple[str, str]:
+    """The checkpoint the value model starts from, and why; a RecipeError, before any model loads, for one it
+    cannot be.
+
+    The value model scores every token of the policy's own token ids, left to right. So it must share the
+    policy's vocabulary and be causal: an encoder's bidirectional attention would let its value of a token
+    see the tokens after it. Unset, it is the reward model when that qualifies (it already reads
+    responses), else a new value head on the policy checkpoint. `shared`: a `ValueHead` on the policy itself.
+    """
+    if args.value_model_path == SHARED:
+        return SHARED, "a value head on the policy's last hidden state: one backbone for policy and critic"
+    if args.value_model_path:
+        path = args.value_model_path
+        tokenizer = load_tokenizer(sibling_model_args(model_args, path), trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        differs = not same_vocabulary(tokenizer, policy_tokenizer)
+        if is_encoder(config):
+            why = (
+                "its tokenizer differs from the policy's, so it would read the policy's token ids as its own"
+                if differs
+                else "its attention is bidirectional, so its value of a token would see the tokens after it"
+            )
+            raise RecipeError(
+                f"value_model_path: {path} is an encoder ({config.model_type}) and {why}; leave value_model_path "
+                "unset (a value head on the policy checkpoint), or give a causal LM checkpoint with the policy's "
+                "tokenizer."
+            )
+        if differs:
+            raise RecipeError(
+                f"value_model_path: the tokenizer of {path} differs from the policy's ({model_args.model_name_or_path}), "
+                "and the value model reads the policy's token ids; give a checkpoint with the policy's tokenizer, or "
+                "leave value_model_path unset (a value head on the policy checkpoint)."
+            )
+        return path, "set by value_model_path"
+    policy_path = model_args.model_name_or_path
+    if not args.reward_model_path:
+        return policy_path, "a new value head on the policy checkpoint (no reward model to start from)"
+    reward_config = AutoConfig.from_pretrained(args.reward_model_path, trust_remote_code=trust_remote_code)
+    if is_encoder(reward_config):
+        return policy_path, (
+            f"a new value head on the policy checkpoint: the reward model is an encoder ({reward_config.model_type}), "
+            "which cannot score the policy's tokens one by one"
+        )
+    if reward_tokenizer is None or not same_vocabulary(reward_tokenizer, policy_tokenizer):
+        return policy_path, (
+            "a new value head on the policy checkpoint: the reward model's tokenizer differs from the policy's"
+        )
+    return args.reward_model_path, "the reward model, which shares the policy's tokenizer"
 
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
@@ -61,28 +130,35 @@ def main(argv: list[str] | None = None) -> None:
             "scores, unnormalised.",
             args.reward_model_path,
         )
-    if args.value_model_path:
+    if args.value_model_path and args.value_model_path != SHARED:
         check_model_source(args.value_model_path, "value_model_path", allow_pickle=model_args.allow_pickle_weights)
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", args.seed)
 
     tokenizer = load_tokenizer(model_args, recipe.trust_remote_code)
+    reward_args = sibling_model_args(model_args, args.reward_model_path) if args.reward_model_path else None
+    reward_tokenizer = load_tokenizer(reward_args, recipe.trust_remote_code) if reward_args else None
+    value_path, value_reason = choose_value_model(
+        args, model_args, tokenizer, reward_tokenizer, recipe.trust_remote_code
+    )
+    if os.environ.get("RANK", "0") == "0":
+        print(f"PPO value model: {value_path} ({value_reason})", file=sys.stderr)
+
     policy = load_causal_lm(model_args, recipe.trust_remote_code)
     align_generation_config(policy, tokenizer)
-    reward_model = reward_tokenizer = None
-    if args.reward_model_path:
-        reward_args = _sibling_model_args(model_args, args.reward_model_path)
-        reward_tokenizer = load_tokenizer(reward_args, recipe.trust_remote_code)
+    reward_model = None
+    if reward_args:
         reward_model = load_sequence_classifier(
             reward_args, reward_tokenizer, trust_remote_code=recipe.trust_remote_code
         )
-    # The value model starts from the reward model (it already reads responses), else the policy + a new head,
-    # drawn at load time: seeded, so a rerun (or a resume) starts from the same head.
-    value_path = args.value_model_path or args.reward_model_path or model_args.model_name_or_path
+    # A new value head is drawn at load time: seeded, so a rerun (or a resume) starts from the same head.
     set_seed(args.seed)
-    value_model = load_sequence_classifier(
-        _sibling_model_args(model_args, value_path), tokenizer, trust_remote_code=recipe.trust_remote_code
-    )
+    if value_path == SHARED:
+        value_model = ValueHead.for_policy(policy)
+    else:
+        value_model = load_sequence_classifier(
+            sibling_model_args(model_args, value_path), tokenizer, trust_remote_code=recipe.trust_remote_code
+        )
 
     final_dir, resume_from = start_stage(args)
     trainer = PPOTrainer(
@@ -117,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             "reward_checks": trainer.reward_checks,
             "reward_model_accuracy": record.accuracy,
             "reward_stats": record.stats,
+            "value_model": {"path": value_path, "reason": value_reason},
             "data": data_report,
             "resumed_from": resume_from,
         },

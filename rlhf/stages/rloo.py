@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
 from trl import RLOOConfig, RLOOTrainer
 
-from rlhf.callbacks import DivergenceArguments, bind_trainer
+from rlhf.callbacks import DivergenceArguments
 from rlhf.config import Recipe
 from rlhf.recipe import parse_recipe
 from rlhf.rewards import RewardSourceArguments
@@ -34,11 +33,6 @@ class RLOOStageConfig(RLOOConfig, RewardSourceArguments, DivergenceArguments):
 
 class CheckedRLOOTrainer(CheckedRewards, RLOOTrainer):
     """TRL's RLOOTrainer with the recipe's reward checks."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The health judge and the completions table read the sampled completions the trainer keeps.
-        bind_trainer(self)
 
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
