@@ -547,3 +547,25 @@ def test_a_shared_value_head_trains_beside_lora_adapters_on_one_base(tiny_sft_ch
     before = trainer.value_model.summary.weight.detach().clone()
     trainer.train()
     assert not torch.equal(before, trainer.value_model.summary.weight)  # the critic trained
+
+
+@pytest.mark.parametrize(
+    "launch_env",
+    [{"ACCELERATE_USE_FSDP": "true"}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}],
+    ids=["fsdp", "zero3"],
+)
+def test_ppo_under_sharded_launch_is_refused_before_loading(tiny_checkpoint, tmp_path, monkeypatch, launch_env):
+    # What `accelerate launch --config_file accelerate_configs/fsdp.yaml` (or zero3.yaml) sets for the stage.
+    for key, value in launch_env.items():
+        monkeypatch.setenv(key, value)
+    recipe = write_recipe(
+        tmp_path / "ppo.yaml",
+        stage="ppo",
+        model_name_or_path=str(tiny_checkpoint),
+        dataset_name="synthetic:prompts",
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        output_dir=str(tmp_path / "out"),
+    )
+    with pytest.raises(RecipeError, match=r"^ppo: PPO does not run under FSDP or ZeRO-3 yet .*ddp.yaml"):
+        ppo.parse([str(recipe)])
+    assert not (tmp_path / "out").exists()

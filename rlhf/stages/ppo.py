@@ -113,7 +113,19 @@ def choose_value_model(
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
     """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
-    return parse_recipe(argv, PPOConfig, stage="ppo", produced=produced)
+    recipe = parse_recipe(argv, PPOConfig, stage="ppo", produced=produced)
+    # Generation with sharded weights (gather around generate) is not built yet: refuse before loading
+    # rather than hang in a collective when the ranks stop generating at different lengths.
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    )
+    if sharded:
+        raise RecipeError(
+            "ppo: PPO does not run under FSDP or ZeRO-3 yet (generation needs the gathered weights); launch it "
+            "with accelerate_configs/ddp.yaml, and `use_peft: true` or `value_model_path: shared` for large models."
+        )
+    return recipe
 
 
 def main(argv: list[str] | None = None) -> None:
