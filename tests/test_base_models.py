@@ -207,7 +207,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tiny_checkp
     )
     with pytest.raises(SystemExit):
         run(sft.main, [str(recipe)])
-    assert "is in none of the first" in capsys.readouterr().err
+    assert "the EOS token '<|im_end|>' is in none of the first 8 training rows' loss masks" in capsys.readouterr().err
     # no .incomplete folder, and the lock is free (its holder record gone; filelock keeps the empty lock file)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["sft.yaml", "template.jinja"]
     assert not list(tmp_path.glob(".*.json"))

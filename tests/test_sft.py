@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.artifacts import read_metrics
-from rlhf.config import RecipeError
-from rlhf.stages import pretrain, sft
+from rlhf.stages import pretrain
 from tests.conftest import FAST_TRAINING, write_recipe
 
 
@@ -50,28 +48,3 @@ def test_pretrain_from_scratch_with_packing(tiny_checkpoint, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval"]["eval_loss"] < metrics["eval_before"]["eval_before_loss"] - 1.0
     assert metrics["data"]["cleaning"]["dropped_duplicates"] > 0
-
-
-def test_stop_token_outside_loss_mask_is_refused(tiny_checkpoint, tmp_path):
-    # A template whose generation block ends before <|im_end|>: the model would never learn to stop.
-    template = tmp_path / "template.jinja"
-    template.write_text(
-        "{%- for m in messages %}{%- if m['role'] == 'assistant' %}<|im_start|>assistant\n"
-        "{% generation %}{{ m['content'] }}{% endgeneration %}<|im_end|>\n"
-        "{%- else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endif %}{%- endfor %}"
-    )
-    recipe = write_recipe(
-        tmp_path / "sft.yaml",
-        stage="sft",
-        model_name_or_path=str(tiny_checkpoint),
-        dataset_name="synthetic:sft",
-        synthetic_num_examples=40,
-        assistant_only_loss=True,
-        chat_template_path=str(template),
-        max_steps=1,
-        output_dir=str(tmp_path / "out"),
-        **FAST_TRAINING,
-    )
-    with pytest.raises(RecipeError, match="EOS token '<\\|im_end\\|>' is in none of the first 8 training rows' loss masks"):
-        sft.main([str(recipe)])
-    assert not (tmp_path / "out").exists()
