@@ -113,9 +113,8 @@ def choose_value_model(
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
     """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
-    recipe = parse_recipe(argv, PPOConfig, stage="ppo", produced=produced)
-    # Generation with sharded weights (gather around generate) is not built yet: refuse before loading
-    # rather than hang in a collective when the ranks stop generating at different lengths.
+    # Generation with sharded weights (gather around generate) is not built yet: refuse before anything is
+    # built (TrainingArguments would set up DeepSpeed) rather than hang in a collective at generation.
     sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or (
         os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
@@ -125,7 +124,7 @@ def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Reci
             "ppo: PPO does not run under FSDP or ZeRO-3 yet (generation needs the gathered weights); launch it "
             "with accelerate_configs/ddp.yaml, and `use_peft: true` or `value_model_path: shared` for large models."
         )
-    return recipe
+    return parse_recipe(argv, PPOConfig, stage="ppo", produced=produced)
 
 
 def main(argv: list[str] | None = None) -> None:
