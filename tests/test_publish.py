@@ -152,7 +152,7 @@ def test_publish_uploads_only_model_files_and_lists_what_it_skipped(pushed_stage
     card = ModelCard.load(out / "README.md")
     assert {"rlhf", "trl", "sft"} <= set(card.data.tags)  # LoRA merged on save: no peft needed to load it
     assert card.data.pipeline_tag == "text-generation"
-    assert card.data.library_name == "peft"
+    assert card.data.library_name == "transformers"
     assert {(r.metric_type, r.metric_value) for r in card.data.eval_results} == {
         ("rule_reward", 0.75),
         ("win_rate", 0.6),
