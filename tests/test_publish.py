@@ -135,7 +135,13 @@ def test_publish_uploads_only_model_files_and_lists_what_it_skipped(pushed_stage
     local = _digests(out)
     uploaded = hub.files["me/tiny"]
     plots = {name for name in local if name.startswith("plots/") and name.endswith(".png")}
-    model_files = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    model_files = {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     records = {"README.md", "recipe.yaml", "metrics.json", "eval.json", "lineage.json", "chat_template.jinja"}
     assert plots and set(uploaded) == set(files) == model_files | records | plots
     assert not any(b"hf_UNTRUSTED" in data or b"hf_OLDTOKEN" in data for data in uploaded.values())
