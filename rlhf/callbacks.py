@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from rlhf.artifacts import last_complete_checkpoint
-from rlhf.config import RecipeError
+from rlhf.config import RecipeError, load_reward_function
 from rlhf.health import FIXES, HealthArguments, HealthPoint, HealthRules
 
 logger = logging.getLogger(__name__)
@@ -182,9 +182,6 @@ class HealthCallback(TrainerCallback):
         self.judge_spec = getattr(args, "reward_hacking_judge", None)
         self.judge_function: Callable[..., list[float]] | None = None
         if self.judge_spec and ":" in self.judge_spec:
-            # Imported here, not at the top: rlhf.rewards imports this module (for TrainingStopped).
-            from rlhf.rewards import load_reward_function
-
             self.judge_function = load_reward_function(self.judge_spec, "reward_hacking_judge")
         self.trainer: Any = None
         self.health_events: list[dict[str, Any]] = []

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import importlib
 import os
 import re
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +215,23 @@ def _command_line_value(key: str, raw: str, tp: Any) -> Any:
             f"--{key}: {raw!r} is not a plain YAML value ({problem}); give text, a number, true/false, a list "
             "or a mapping, and quote text that looks like YAML."
         ) from None
+
+
+def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable[..., list[float]]:
+    """Import a reward function given as `package.module:function` (TRL signature: prompts, completions, **kw)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise RecipeError(f"{field}: {spec!r} is not an import path; write it as package.module:function.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RecipeError(
+            f"{field}: cannot import module {module_name!r} ({error}); check the path and PYTHONPATH."
+        ) from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise RecipeError(f"{field}: {module_name!r} has no function {attribute!r}.")
+    return function
 
 
 def parse_overrides(argv: list[str], field_types_by_name: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import RecipeError
+from rlhf.config import RecipeError, load_reward_function
 
 ALARMS = (
     "kl",
@@ -166,9 +166,6 @@ def check_health_arguments(args: HealthArguments) -> None:
             "(e.g. 0.001, a negligible penalty) or remove max_kl."
         )
     if args.reward_hacking_judge and ":" in args.reward_hacking_judge:
-        # Imported here: rlhf.rewards imports rlhf.callbacks, which imports this module.
-        from rlhf.rewards import load_reward_function
-
         load_reward_function(args.reward_hacking_judge, "reward_hacking_judge")  # a bad path fails at parse time
     if args.reward_hacking_judge_drop <= 0:
         raise RecipeError(f"reward_hacking_judge_drop: got {args.reward_hacking_judge_drop}; use a positive number.")

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from trl.trainer.utils import pad, selective_log_softmax
 
 from rlhf.artifacts import METRICS_FILE, read_metrics
 from rlhf.callbacks import TrainingStopped
-from rlhf.config import RecipeError
+from rlhf.config import RecipeError, load_reward_function
 from rlhf.modeling import check_model_source, is_encoder
 
 logger = logging.getLogger(__name__)
@@ -41,23 +40,6 @@ RULE_REWARD = "rlhf.data.synthetic:rule_reward"
 # ---------------------------------------------------------------------------------------------
 # Reward sources of a recipe.
 # ---------------------------------------------------------------------------------------------
-
-
-def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable[..., list[float]]:
-    """Import a reward function given as `package.module:function` (TRL signature: prompts, completions, **kw)."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise RecipeError(f"{field}: {spec!r} is not an import path; write it as package.module:function.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise RecipeError(
-            f"{field}: cannot import module {module_name!r} ({error}); check the path and PYTHONPATH."
-        ) from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise RecipeError(f"{field}: {module_name!r} has no function {attribute!r}.")
-    return function
 
 
 @dataclass

@@ -11,12 +11,12 @@ from typing import Any
 from datasets import Dataset
 from trl import ModelConfig
 
-from rlhf.config import DataArguments
+from rlhf.config import DataArguments, load_reward_function
 from rlhf.data.formats import convert
 from rlhf.data.load import load_source
 from rlhf.evaluation.generation import generate_tokens
 from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhf.rewards import completions_for, load_reward_function, reward_model_scores
+from rlhf.rewards import completions_for, reward_model_scores
 
 
 @dataclass

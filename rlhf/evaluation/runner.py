@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
-from rlhf.config import RecipeError, field_types, parse_dataclass, parse_overrides, read_recipe_file
+from rlhf.config import (
+    RecipeError,
+    field_types,
+    load_reward_function,
+    parse_dataclass,
+    parse_overrides,
+    read_recipe_file,
+)
 from rlhf.data.load import check_source
 from rlhf.evaluation.context import EvalConfig, Judge, Models, SectionContext
 from rlhf.evaluation.report import write_report
@@ -24,7 +31,6 @@ from rlhf.evaluation.robustness import PERTURBATIONS
 from rlhf.evaluation.safety import load_safety_suite
 from rlhf.evaluation.sections import READ_PROMPTS, SECTIONS, enabled_sections
 from rlhf.modeling import check_model_source
-from rlhf.rewards import load_reward_function
 
 
 def _check_choices(name: str, values: list[str], allowed: Sequence[str]) -> None:
