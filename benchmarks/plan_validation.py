@@ -140,11 +140,12 @@ README_MODELS = (
     ("Llama-3.1-70B", "llama-3.1-70b", "llama-3.1-70b"),
     ("Llama-3.1-70B + 8B reward/value", "llama-3.1-70b", "llama-3.1-8b"),
 )
-README_CONFIGS = ("ddp.yaml", "fsdp.yaml", "zero3.yaml")
+README_CONFIGS = ("ddp.yaml", "fsdp.yaml")  # PPO refuses ZeRO-3
 
 
 def readme_table(work: Path, device_memory: str = "80GB", processes: int = 8) -> None:
     """PPO on 8 × 80 GB: the largest per-device batch that fits, per model, config, full or LoRA (0: none)."""
+    from rlhf.config import RecipeError
     from rlhf.plan import largest_batch, parse_memory_size, plan_recipe
 
     memory = parse_memory_size(device_memory)
@@ -168,7 +169,12 @@ def readme_table(work: Path, device_memory: str = "80GB", processes: int = 8) ->
                     **({**LORA, "lora_target_modules": ["all-linear"]} if lora else {}),
                 }
                 recipe = write_yaml(work / f"readme-{model}.yaml", values)
-                plan = plan_recipe([str(recipe)], str(REPO / "accelerate_configs" / config), processes, memory, 512)
+                try:
+                    plan = plan_recipe([str(recipe)], str(REPO / "accelerate_configs" / config), processes, memory, 512)
+                except RecipeError as refused:  # a combination rlhf.stages.ppo refuses (LoRA under FSDP, ZeRO-3)
+                    cells.append("refused")
+                    details.append(str(refused).split(" (")[0].split(": ", 1)[-1])
+                    continue
                 batch = largest_batch(plan)
                 at = plan if not batch else plan_at(plan, batch)
                 cells.append(str(batch) if batch else "—")

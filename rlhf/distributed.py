@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -118,3 +120,70 @@ def shutdown_distributed() -> None:
     torch_distributed = sys.modules.get("torch.distributed")  # never import torch just to find nothing to do
     if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
         torch_distributed.destroy_process_group()
+
+
+def is_fsdp2(accelerator: Any) -> bool:
+    """Whether `accelerator` shards its models with FSDP2 (`fully_shard`)."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return accelerator.distributed_type == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2
+
+
+def shard_frozen_model(accelerator: Any, model: Any) -> Any:
+    """Shard an inference-only model (a PPO reference or reward model) with FSDP2, as accelerate shards trained ones.
+
+    Each of the model's own `_no_split_modules` layers becomes a group, the rest the root's, with the
+    launch config's settings (accelerate's `fsdp2_prepare_model`, which also gives ranks that loaded
+    empty weights under `fsdp_cpu_ram_efficient_loading` rank 0's). The config names the layer classes
+    of the trained model; a reward model of another family (an encoder) has its own, so they are set
+    per model here. Every group reshards after its forward: nothing is kept gathered between uses.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    trained_model_wrapping = plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    plugin.transformer_cls_names_to_wrap = list(getattr(model, "_no_split_modules", None) or [])
+    try:
+        model = fsdp2_prepare_model(accelerator, model)
+    finally:
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = trained_model_wrapping
+    model.set_reshard_after_forward(True)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@contextmanager
+def gathered_weights(model: Any) -> Iterator[None]:
+    """Inside: every FSDP2 group of `model` holds its whole weights, and forward passes run without collectives.
+
+    Generation runs as many forward passes as its longest sequence needs, which differs between
+    ranks; a per-layer all-gather in each would leave the ranks waiting for each other. So all
+    groups are gathered once (every rank, the same order), kept gathered after each forward, and
+    resharded on exit with their own reshard-after-forward setting back. A no-op for a model that
+    is not sharded.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if groups:
+        # FSDP2 takes the first group to run forward as the root; a submodule's forward (generate on the
+        # policy inside a policy + value root) must not be that first one.
+        groups[0]._get_fsdp_state()._lazy_init()
+    # FSDP2 has no public getter for a group's setting: read it where set_reshard_after_forward writes it.
+    reshards = [
+        any(group.post_forward_mesh_info is not None for group in module._get_fsdp_state()._fsdp_param_groups)
+        for module in groups
+    ]
+    for module in groups:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module, reshard in zip(groups, reshards):
+            module.set_reshard_after_forward(reshard, recurse=False)
+            module.reshard()

@@ -472,8 +472,8 @@ def estimate(models: list[ModelShape], w: Workload, par: Parallelism) -> MemoryP
 
     for m in models:
         weight = 2 if half_weights else m.weight_bytes
-        # rlhf.ppo moves frozen models whole to each device (freeze()); TRL shards them like the policy.
-        frozen_whole = not m.trained and w.stage == "ppo"
+        # rlhf.ppo shards its reference and reward model under FSDP2 (shard_frozen_model), else moves them whole.
+        frozen_whole = not m.trained and w.stage == "ppo" and par.strategy != "fsdp2"
         share = 1 if frozen_whole or not shard_state else n
         weights_on_host = par.offload_params and not frozen_whole and m.trained
         put(host if weights_on_host else static, f"{m.role} weights", m.parameters * weight / share)
@@ -538,9 +538,14 @@ def estimate(models: list[ModelShape], w: Workload, par: Parallelism) -> MemoryP
         policy = models[0]
         rollout = dict(static)
         put(rollout, "KV cache (rollout generation)", _kv_cache(policy, w))
-        if par.strategy in ("fsdp2", "zero3"):
-            put(rollout, "gathered parameters", (2 * policy.block_parameters + policy.root_parameters) * 2)
         scoring = {**static}
+        if w.stage == "ppo" and par.strategy == "fsdp2":
+            # rlhf.ppo gathers policy and value model whole for the rollout (rlhf.distributed.gathered_weights).
+            whole = sum(m.parameters * (2 if w.bf16 else m.weight_bytes) for m in models if m.trained)
+            put(rollout, "whole policy + value weights (gathered for the rollout)", whole)
+            put(scoring, "whole policy + value weights (gathered for the rollout)", whole)
+        elif par.strategy in ("fsdp2", "zero3"):
+            put(rollout, "gathered parameters", (2 * policy.block_parameters + policy.root_parameters) * 2)
         # no-grad log-probs of generated sequences: full logits, and the response part divided by the temperature
         put(scoring, "scoring logits (no grad)", w.scoring_batch * policy.vocab * (4 * w.seq_len + 8 * w.response_len))
         moments["rollout generation"] = rollout
@@ -607,8 +612,18 @@ def plan_values(
         raise RecipeError("model_name_or_path: missing; the planner sizes the model from its config.")
     model_fields = field_types(ModelArguments)
     model_args = ModelArguments(**{k: v for k, v in values.items() if k in model_fields})
-    workload = read_workload(stage, values, parallelism.device, prompt_length)
+    if stage.name == "ppo" and parallelism.strategy == "zero3":
+        raise RecipeError(
+            "--config: PPO does not run under DeepSpeed ZeRO-3 (rlhf.stages.ppo refuses it); plan it with "
+            "accelerate_configs/fsdp.yaml (FSDP2 shards all four models) or ddp.yaml."
+        )
     lora = bool(model_args.use_peft)
+    if stage.name == "ppo" and parallelism.strategy == "fsdp2" and lora:
+        raise RecipeError(
+            "use_peft: LoRA PPO does not run under FSDP (rlhf.stages.ppo refuses it); plan it with ddp.yaml, or "
+            "set use_peft: false to shard the full model."
+        )
+    workload = read_workload(stage, values, parallelism.device, prompt_length)
     trust = bool(values.get("trust_remote_code"))
     models = [
         size_model(role, _locate(path, resolve), head, trained, model_args, adapters, trust)

@@ -72,6 +72,15 @@ def wrap_finish_stage(module, report: dict):
                 # embedding/head group) show whole weights until resharded; report the sharded state at rest.
                 module.reshard()
         info, full = sharding(dict(model.named_parameters()))
+        # PPO's inference-only models: the reference copy and the reward model, sharded on their own.
+        rewards = getattr(getattr(trainer, "rollouts", None), "rewards", None)
+        frozen = {
+            "ref_model": getattr(trainer, "ref_model", None),
+            "reward_model": getattr(rewards, "reward_model", None),
+        }
+        for name, frozen_model in frozen.items():
+            if frozen_model is not None:
+                report[f"{name}_sharding"] = sharding(dict(frozen_model.named_parameters()))[0]
         flat = torch.cat([p.detach().float().reshape(-1) for p in full.values()]).to(accelerator.device)
         per_rank = accelerator.gather(flat.unsqueeze(0))  # (world_size, num_parameters)
         result = real_finish_stage(trainer, recipe, metrics, final)

@@ -118,8 +118,10 @@ def stage_recipes(base: Path, out: Path) -> dict[str, dict]:
     }
 
 
-def launch(report: Path, runs: list[tuple[str, Path, list[str]]], timeout: int = 400, config: str = "ddp.yaml") -> dict:
-    """`accelerate launch` 2 processes over gloo running `runs` in order; the per-stage report of rank 0."""
+def launch_command(
+    report: Path, runs: list[tuple[str, Path, list[str]]], config: str = "ddp.yaml"
+) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command (2 processes over gloo running `runs` in order) and its environment."""
     with socket.socket() as sock:  # a free rendezvous port, so parallel sessions never collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -134,6 +136,12 @@ def launch(report: Path, runs: list[tuple[str, Path, list[str]]], timeout: int =
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return command, env
+
+
+def launch(report: Path, runs: list[tuple[str, Path, list[str]]], timeout: int = 400, config: str = "ddp.yaml") -> dict:
+    """`accelerate launch` 2 processes over gloo running `runs` in order; the per-stage report of rank 0."""
+    command, env = launch_command(report, runs, config)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return json.loads(report.read_text())

@@ -104,6 +104,28 @@ def test_lora_predicts_less_than_full_fine_tuning(recipes):
     assert lora.total < full.total
 
 
+def test_ppo_under_fsdp_shards_the_frozen_models_and_gathers_the_policy_for_rollouts(recipes):
+    ddp = plan_recipe([str(recipes["ppo"])], str(CONFIGS / "ddp.yaml"), 8, prompt_length=32)
+    fsdp = plan_recipe([str(recipes["ppo"])], str(CONFIGS / "fsdp.yaml"), 8, prompt_length=32)
+    for frozen in ("reference weights", "reward model weights"):
+        assert fsdp.moments["forward/backward"][frozen] == pytest.approx(ddp.moments["forward/backward"][frozen] / 8)
+    gathered = fsdp.moments["rollout generation"]["whole policy + value weights (gathered for the rollout)"]
+    trained = [m for m in fsdp.models if m.trained]
+    assert gathered == sum(m.parameters * m.weight_bytes for m in trained)
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        ("zero3.yaml", [], "PPO does not run under DeepSpeed ZeRO-3"),
+        ("fsdp.yaml", ["--use_peft", "true"], "use_peft: LoRA PPO does not run under FSDP"),
+    ],
+)
+def test_plan_refuses_the_ppo_setups_the_stage_refuses(recipes, config, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        plan_recipe([str(recipes["ppo"]), *overrides], str(CONFIGS / config), 8, prompt_length=32)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -550,12 +550,26 @@ def test_a_shared_value_head_trains_beside_lora_adapters_on_one_base(tiny_sft_ch
 
 
 @pytest.mark.parametrize(
-    "launch_env",
-    [{"ACCELERATE_USE_FSDP": "true"}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}],
-    ids=["fsdp", "zero3"],
+    ("launch_env", "keys", "message"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {}, r"^ppo: PPO runs sharded under FSDP2 only"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            {},
+            r"^ppo: PPO does not run under DeepSpeed ZeRO-3 .*fsdp.yaml",
+        ),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+            {"use_peft": True},
+            r"^use_peft: LoRA PPO does not run under FSDP .*ddp.yaml",
+        ),
+    ],
+    ids=["fsdp1", "zero3", "lora-fsdp2"],
 )
-def test_ppo_under_sharded_launch_is_refused_before_loading(tiny_checkpoint, tmp_path, monkeypatch, launch_env):
-    # What `accelerate launch --config_file accelerate_configs/fsdp.yaml` (or zero3.yaml) sets for the stage.
+def test_ppo_sharded_launches_it_cannot_run_are_refused_before_loading(
+    tiny_checkpoint, tmp_path, monkeypatch, launch_env, keys, message
+):
+    # What `accelerate launch --config_file accelerate_configs/<config>.yaml` sets for the stage.
     for key, value in launch_env.items():
         monkeypatch.setenv(key, value)
     recipe = write_recipe(
@@ -565,7 +579,8 @@ def test_ppo_under_sharded_launch_is_refused_before_loading(tiny_checkpoint, tmp
         dataset_name="synthetic:prompts",
         reward_funcs=["rlhf.data.synthetic:rule_reward"],
         output_dir=str(tmp_path / "out"),
+        **keys,
     )
-    with pytest.raises(RecipeError, match=r"^ppo: PPO does not run under FSDP or ZeRO-3 yet .*ddp.yaml"):
+    with pytest.raises(RecipeError, match=message):
         ppo.parse([str(recipe)])
     assert not (tmp_path / "out").exists()

@@ -91,6 +91,19 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        # What FSDP2 (accelerate's auto wrap) shards as one group each: both models' transformer layers.
+        self._no_split_modules = sorted(
+            {
+                *(getattr(policy, "_no_split_modules", None) or []),
+                *(getattr(value_model, "_no_split_modules", None) or []),
+            }
+        )
+
+    def tie_weights(self) -> None:
+        """Re-tie each model's shared weights (accelerate calls this after loading a sharded copy into place)."""
+        for model in (self.policy, self.value_model):
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.value_model, ValueHead):

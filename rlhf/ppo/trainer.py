@@ -40,6 +40,7 @@ from transformers.trainer_callback import CallbackHandler, PrinterCallback
 
 from rlhf.callbacks import TrainingStopped, divergence_message
 from rlhf.config import RecipeError
+from rlhf.distributed import gathered_weights, is_fsdp2, shard_frozen_model
 from rlhf.modeling import eos_token_ids
 from rlhf.ppo.checkpoint import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 from rlhf.ppo.config import PPOConfig
@@ -126,8 +127,12 @@ class PPOTrainer(PPOOptimization):
         prepare_for_rollouts(model, self.ref_model, value_model, reward_model)
         self._plan_updates(train_dataset, eval_dataset)
         self._prepare_optimization(PolicyAndValue(model, value_model))
+        self.sharded = is_fsdp2(self.accelerator)
         for frozen in (self.ref_model, reward_model):
-            freeze(frozen, self.accelerator.device)
+            if self.sharded and frozen is not None:
+                shard_frozen_model(self.accelerator, frozen)  # in place: RewardSources holds the same object
+            else:
+                freeze(frozen, self.accelerator.device)
         self.kl_controller = make_kl_controller(args.kl_controller, args.kl_coef, args.target_kl, args.kl_horizon)
         self.health = HealthMonitor(
             args.max_kl,
@@ -243,7 +248,8 @@ class PPOTrainer(PPOOptimization):
         args = self.args
         prompts = [self.prompts[i] for i in self.prompt_order.next_indices()]
         where = f"update {self.state.global_step + 1}"
-        r, parts = self.rollouts.rollout(self.policy, self.reference, self.value_model, prompts, where)
+        with gathered_weights(self.model):
+            r, parts = self.rollouts.rollout(self.policy, self.reference, self.value_model, prompts, where)
         finite = bool(torch.isfinite(r.logprobs).all() and torch.isfinite(r.values).all())
         # Weights that blew up in the previous update show here first, before any loss is computed.
         self._stop_if_diverged(None if finite else "nan/inf log-probabilities or values of the policy's own samples")
@@ -361,9 +367,17 @@ class PPOTrainer(PPOOptimization):
         """Save the policy as a plain causal-LM checkpoint (LoRA adapters merged) plus the tokenizer."""
         output_dir = Path(output_dir or self.args.output_dir)
         self.accelerator.wait_for_everyone()
+        # Sharded: every rank takes part in gathering the whole weights, which only the main process receives.
+        state_dict = self.accelerator.get_state_dict(self.model) if self.sharded else None
         if not self.accelerator.is_main_process:
             return
         policy = self.policy
+        if state_dict is not None:
+            prefix = "policy."
+            state_dict = {name[len(prefix) :]: value for name, value in state_dict.items() if name.startswith(prefix)}
+            policy.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            self.processing_class.save_pretrained(output_dir)
+            return
         if self.is_peft_model:
             # Merging is a copy-free in-place operation; it ends training, which is when this is called.
             policy = policy.merge_and_unload()
@@ -391,4 +405,5 @@ class PPOTrainer(PPOOptimization):
         if dataset is None:
             return {}
         prompts = encode_prompts(self.processing_class, dataset)
-        return self.rollouts.evaluate(self.policy, self.reference, prompts, metric_key_prefix, extra_reward_funcs)
+        with gathered_weights(self.model):
+            return self.rollouts.evaluate(self.policy, self.reference, prompts, metric_key_prefix, extra_reward_funcs)

@@ -2,6 +2,11 @@
 
 rlhf train recipes/tiny/ppo.yaml
 accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.ppo recipes/tiny/ppo.yaml
+accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 8 -m rlhf.stages.ppo RECIPE
+
+Under FSDP2 all four models are sharded (the reference and reward model as inference-only modules);
+each rollout gathers the policy and value model whole (rlhf.ppo.trainer). Not under ZeRO-3 or with
+LoRA under FSDP: both are refused before any model loads.
 
 The value model (`choose_value_model`, said once at start and recorded in metrics.json): the
 `value_model_path` checkpoint; `shared`, a value head on the policy's own backbone (with LoRA, one
@@ -113,18 +118,28 @@ def choose_value_model(
 
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
     """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
-    # Generation with sharded weights (gather around generate) is not built yet: refuse before anything is
-    # built (TrainingArguments would set up DeepSpeed) rather than hang in a collective at generation.
-    sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or (
+    # Refused before anything is built (TrainingArguments would set up DeepSpeed), not by a hang at generation.
+    if (
         os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    )
-    if sharded:
+    ):
         raise RecipeError(
-            "ppo: PPO does not run under FSDP or ZeRO-3 yet (generation needs the gathered weights); launch it "
-            "with accelerate_configs/ddp.yaml, and `use_peft: true` or `value_model_path: shared` for large models."
+            "ppo: PPO does not run under DeepSpeed ZeRO-3 (generation needs the gathered weights); launch it with "
+            "accelerate_configs/fsdp.yaml (FSDP2 shards all four models) or ddp.yaml."
         )
-    return parse_recipe(argv, PPOConfig, stage="ppo", produced=produced)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise RecipeError(
+            "ppo: PPO runs sharded under FSDP2 only; set fsdp_version: 2 in the accelerate config's fsdp_config "
+            "(as accelerate_configs/fsdp.yaml does)."
+        )
+    recipe = parse_recipe(argv, PPOConfig, stage="ppo", produced=produced)
+    if fsdp and recipe.model.use_peft:
+        raise RecipeError(
+            "use_peft: LoRA PPO does not run under FSDP (its point is one base copy that fits one device); launch "
+            "it with accelerate_configs/ddp.yaml, or set use_peft: false to shard the full model."
+        )
+    return recipe
 
 
 def main(argv: list[str] | None = None) -> None:
