@@ -132,6 +132,38 @@ def test_an_adapter_folder_loads_as_its_base_with_the_adapter_merged(tiny_checkp
     assert load_tokenizer(args).eos_token == "<|im_end|>"  # the base's tokenizer
 
 
+def test_ppo_from_an_adapter_folder_starts_its_critic_on_the_base(tiny_checkpoint, tmp_path):
+    """The default value model is a value head on the policy checkpoint; an adapter folder has no full weights,
+    so the critic starts from the base the adapter names (the policy itself loads with the adapter merged)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.stages import ppo
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), LoraConfig(r=2)).save_pretrained(adapter)
+    out = tmp_path / "ppo"
+    recipe = write_recipe(
+        tmp_path / "ppo.yaml",
+        stage="ppo",
+        model_name_or_path=str(adapter),
+        dataset_name="synthetic:prompts",
+        synthetic_num_examples=32,
+        max_eval_samples=4,
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        response_length=4,
+        max_steps=1,
+        num_ppo_epochs=1,
+        output_dir=str(out),
+        **{**FAST_TRAINING, "per_device_train_batch_size": 4},
+    )
+    ppo.main([str(recipe)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["value_model"]["path"] == str(tiny_checkpoint)
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint
+    ).num_parameters()
+
+
 def test_an_untrainable_template_is_refused_before_loading(tiny_checkpoint, tmp_path):
     # Plain ChatML without generation markers: TRL can neither use nor patch it for assistant-only loss.
     template = tmp_path / "chatml.jinja"

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Collection
+from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedTokenizerBase, set_seed
 from trl import get_peft_config
@@ -31,8 +32,10 @@ from rlhf.data import prepare_datasets
 from rlhf.data.load import sources
 from rlhf.data.synthetic import rule_reward
 from rlhf.modeling import (
+    adapter_base,
     align_generation_config,
     check_model_source,
+    is_adapter_dir,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
@@ -101,6 +104,9 @@ def choose_value_model(
             )
         return path, "set by value_model_path"
     policy_path = model_args.model_name_or_path
+    if is_adapter_dir(policy_path) and not (Path(policy_path) / "config.json").exists():
+        # An adapter folder has no full weights of its own to put a score head on: the critic starts from its base.
+        policy_path = adapter_base(policy_path)
     if not args.reward_model_path:
         return policy_path, "a new value head on the policy checkpoint (no reward model to start from)"
     reward_config = AutoConfig.from_pretrained(args.reward_model_path, trust_remote_code=trust_remote_code)
