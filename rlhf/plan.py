@@ -26,7 +26,15 @@ from typing import Any
 
 import yaml
 
-from rlhf.config import ModelArguments, RecipeError, check_known_keys, field_types, parse_overrides, read_recipe_file
+from rlhf.config import (
+    SHARED_VALUE_HEAD,
+    ModelArguments,
+    RecipeError,
+    check_known_keys,
+    field_types,
+    parse_overrides,
+    read_recipe_file,
+)
 from rlhf.registry import Stage, stage_named
 
 GiB = 2**30
@@ -582,7 +590,9 @@ def model_roles(stage: Stage, values: dict[str, Any], lora: bool) -> list[tuple[
     policy = str(values["model_name_or_path"])
     name = "policy" if stage.trained_copies > 1 or stage.frozen_copies else "model"
     roles = [(name, policy, "score" if stage.name == "reward" else "causal", True, lora)]
-    if stage.trained_copies > 1:  # PPO's value model (fully trained, no adapters): value, else reward, else policy
+    # PPO's value model (fully trained, no adapters): value, else reward, else policy; `shared`: a head on the
+    # policy's own backbone, one scalar per token, nothing to plan beside the policy.
+    if stage.trained_copies > 1 and values.get("value_model_path") != SHARED_VALUE_HEAD:
         value = values.get("value_model_path") or values.get("reward_model_path") or policy
         roles.append(("value model", str(value), "score", True, False))
     frozen = stage.frozen_copies

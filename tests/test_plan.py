@@ -104,6 +104,14 @@ def test_lora_predicts_less_than_full_fine_tuning(recipes):
     assert lora.total < full.total
 
 
+def test_a_shared_value_head_plans_no_second_backbone(recipes):
+    separate = plan_recipe([str(recipes["ppo"])], prompt_length=32)
+    shared = plan_recipe([str(recipes["ppo"]), "--value_model_path", "shared"], prompt_length=32)
+    assert "value model" in {m.role for m in separate.models}
+    assert "value model" not in {m.role for m in shared.models}
+    assert shared.total < separate.total
+
+
 def test_ppo_under_fsdp_shards_the_frozen_models_and_gathers_the_policy_for_rollouts(recipes):
     ddp = plan_recipe([str(recipes["ppo"])], str(CONFIGS / "ddp.yaml"), 8, prompt_length=32)
     fsdp = plan_recipe([str(recipes["ppo"])], str(CONFIGS / "fsdp.yaml"), 8, prompt_length=32)
