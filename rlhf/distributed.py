@@ -13,7 +13,19 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TextIO
+
+_said: set[str] = set()
+
+
+def say_once(message: str, key: str | None = None, stream: TextIO | None = None) -> None:
+    """Print `message` (to stdout, or `stream`) once per process and `key` (default: the message itself), and
+    only on the main process of a multi-process launch. The pipeline's pre-flight and then the stage read
+    the same data and checkpoints in one process: a note about them is worth one line, not two."""
+    key = message if key is None else key
+    if key not in _said and os.environ.get("RANK", "0") == "0":
+        _said.add(key)
+        print(message, file=stream or sys.stdout, flush=True)
 
 
 def _log_beside_output(trainer: Any) -> None:

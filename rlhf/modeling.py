@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from trl import ModelConfig, get_quantization_config
 
 from rlhf.config import RecipeError
+from rlhf.distributed import say_once
 
 # Files that torch.load unpickles; unpickling can run arbitrary code, safetensors cannot.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -161,7 +162,6 @@ def warn_remote_code(name_or_path: str | Path, trust_remote_code: bool) -> None:
 
 # Tokens that end a text in common vocabularies; a tokenizer without an EOS gets the first one it has.
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
-_announced: set[str] = set()
 
 
 def plain_chat_template(eos_token: str) -> str:
@@ -184,13 +184,6 @@ def plain_chat_template(eos_token: str) -> str:
     )
 
 
-def _announce_once(key: str, message: str) -> None:
-    # Once per process and source, and only on the main process of a multi-process launch.
-    if key not in _announced and os.environ.get("RANK", "0") == "0":
-        _announced.add(key)
-        print(message, file=sys.stderr)
-
-
 def _ensure_eos(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
     """Give a tokenizer without an EOS one: an end-of-text token its vocabulary has, else a new special token."""
     if tokenizer.eos_token is not None:
@@ -199,14 +192,19 @@ def _ensure_eos(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
     found = next((token for token in END_OF_TEXT_TOKENS if token in vocab), None)
     if found is not None:
         tokenizer.eos_token = found
-        _announce_once(f"eos:{source}", f"note: {source} sets no EOS token; using {found!r} from its vocabulary.")
+        say_once(
+            f"note: {source} sets no EOS token; using {found!r} from its vocabulary.",
+            key=f"eos:{source}",
+            stream=sys.stderr,
+        )
     else:
         # New special token: align_generation_config resizes the model's embeddings to match.
         tokenizer.add_special_tokens({"eos_token": END_OF_TEXT_TOKENS[0]})
-        _announce_once(
-            f"eos:{source}",
+        say_once(
             f"note: {source} has no EOS token; added {END_OF_TEXT_TOKENS[0]!r} as a new special token "
             "(the model's embeddings grow by one row).",
+            key=f"eos:{source}",
+            stream=sys.stderr,
         )
 
 
@@ -257,10 +255,11 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> 
             tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         tokenizer.chat_template = plain_chat_template(tokenizer.eos_token)
-        _announce_once(
-            f"template:{source}",
+        say_once(
             f'note: {source} has no chat template; using rlhf\'s plain one ("User:" / "Assistant:" lines, '
             f"each answer ended by {tokenizer.eos_token!r}). Save a `chat_template` with the tokenizer to use yours.",
+            key=f"template:{source}",
+            stream=sys.stderr,
         )
     return tokenizer
 
@@ -354,7 +353,11 @@ def load_causal_lm(
         base = load_causal_lm(
             dataclasses.replace(model_args, model_name_or_path=adapter_base(adapter)), trust_remote_code
         )
-        _announce_once(f"adapter:{adapter}", f"note: {adapter} is an adapter; merged into {adapter_base(adapter)}.")
+        say_once(
+            f"note: {adapter} is an adapter; merged into {adapter_base(adapter)}.",
+            key=f"adapter:{adapter}",
+            stream=sys.stderr,
+        )
         # merge_and_unload folds B·A (and DoRA's magnitude) into each weight: a plain model from here on.
         return PeftModel.from_pretrained(base, adapter).merge_and_unload()
     warn_remote_code(model_args.model_name_or_path, trust_remote_code)
@@ -445,12 +448,13 @@ def check_tokenizer_fit(tokenizer: PreTrainedTokenizerBase, rows: Iterable[dict]
         "unknown_token_rate": round(unknown / tokens, 4) if tokens else 0.0,
     }
     if fit["tokens_per_word"] > MAX_TOKENS_PER_WORD or fit["unknown_token_rate"] > MAX_UNKNOWN_RATE:
-        _announce_once(
-            f"fit:{tokenizer.name_or_path}",
+        say_once(
             f"warning: the tokenizer of {tokenizer.name_or_path} fits this data badly ({fit['tokens_per_word']} "
             f"tokens per word, {fit['unknown_token_rate']:.1%} unknown tokens; a tokenizer trained on similar text "
             f"gives ~1.3 and 0%): sequences run long and max_length cuts more. Use a checkpoint whose tokenizer "
             "covers this language.",
+            key=f"fit:{tokenizer.name_or_path}",
+            stream=sys.stderr,
         )
     return fit
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from datasets import Dataset
@@ -12,6 +11,7 @@ from rlhf.data.augment import AugmentationConfig, augment_dataset
 from rlhf.data.clean import clean_dataset
 from rlhf.data.formats import convert
 from rlhf.data.load import concatenate, load_sources, read_source, sources
+from rlhf.distributed import say_once
 
 __all__ = ["prepare_datasets"]
 
@@ -27,7 +27,6 @@ REASONS = (
     ("skipped_bad_rows", "bad row", "bad rows", "skipped"),
     ("skipped_blank_lines", "blank line", "blank lines", "ignored"),
 )
-_announced: set[str] = set()
 
 
 def _clean(
@@ -60,14 +59,6 @@ def cleaning_summary(counts: dict[str, int], examples: list[str]) -> str:
     return f"{rows_read} rows → {counts['rows_out']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def _announce(line: str) -> None:
-    # Pipeline pre-flight and then the stage prepare the same data in one process: say it once.
-    # Under `accelerate launch` only the first process speaks.
-    if line not in _announced and os.environ.get("RANK", "0") == "0":
-        _announced.add(line)
-        print(line, flush=True)
-
-
 def _held_out(
     data_args: DataArguments, target: str, seed: int
 ) -> tuple[Dataset | None, dict[str, int] | None, list[str]]:
@@ -78,7 +69,7 @@ def _held_out(
         dataset = convert(dataset, target, "eval_dataset_name")
         dataset, counts, examples = _clean(dataset, data_args, [skipped])
         summary = cleaning_summary(counts, examples)
-        _announce(f"data: eval_dataset_name {entry['path']}: {summary}")
+        say_once(f"data: eval_dataset_name {entry['path']}: {summary}")
         if len(dataset) == 0:
             raise RecipeError(
                 f"eval_dataset_name: no rows left after cleaning ({summary}); "
@@ -105,7 +96,7 @@ def prepare_datasets(
     dataset, counts, examples = _clean(dataset, data_args, [skipped for _, _, skipped in loaded])
     field = "dataset_mixture" if data_args.dataset_mixture else "dataset_name"
     summary = cleaning_summary(counts, examples)
-    _announce(f"data: {field} {' + '.join(entry['path'] for entry in sources(data_args))}: {summary}")
+    say_once(f"data: {field} {' + '.join(entry['path'] for entry in sources(data_args))}: {summary}")
     if len(dataset) == 0:
         raise RecipeError(
             f"{field}: no rows left after cleaning ({summary}); fix the data or loosen clean_min_chars/clean_max_chars."
