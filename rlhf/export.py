@@ -49,14 +49,10 @@ def load_for_inference(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a full checkpoint, or an adapter merged into its base, with a ready tokenizer, in eval mode."""
     check_checkpoint(checkpoint, base)
-    adapter = is_adapter_dir(checkpoint)
-    model_path = adapter_base(checkpoint, base) if adapter else checkpoint
-    model = load_causal_lm(ModelConfig(model_name_or_path=model_path, dtype=dtype or "auto"), trust_remote_code)
-    if adapter:
-        from peft import PeftModel
-
-        # merge_and_unload folds B·A (and DoRA's magnitude) into each weight: a plain model, no peft needed later.
-        model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
+    model_path = adapter_base(checkpoint, base) if is_adapter_dir(checkpoint) else checkpoint
+    model = load_causal_lm(
+        ModelConfig(model_name_or_path=checkpoint, dtype=dtype or "auto"), trust_remote_code, base=base
+    )
     # Stage outputs save the tokenizer next to the adapter; fall back to the base's.
     tokenizer_path = checkpoint if (Path(checkpoint) / "tokenizer_config.json").exists() else model_path
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=tokenizer_path), trust_remote_code)

@@ -334,12 +334,13 @@ def _config_with_dropout(model_args: ModelConfig, trust_remote_code: bool) -> di
 
 
 def load_causal_lm(
-    model_args: ModelConfig, trust_remote_code: bool = False, from_scratch: bool = False
+    model_args: ModelConfig, trust_remote_code: bool = False, from_scratch: bool = False, base: str | None = None
 ) -> PreTrainedModel:
     """Load a causal LM (or initialise one from its config when `from_scratch`).
 
     A directory written by `rlhf quantize` loads through its quantization backend, so every command
-    (eval, chat, generate) accepts quantized checkpoints too.
+    (eval, chat, generate) accepts quantized checkpoints too. An adapter folder loads as its base (`base`,
+    else the one its adapter_config.json names) with the adapter merged in.
     """
     if (Path(model_args.model_name_or_path) / QUANTIZATION_FILE).exists():
         return load_quantized(
@@ -350,16 +351,15 @@ def load_causal_lm(
         from peft import PeftModel
 
         adapter = model_args.model_name_or_path
-        base = load_causal_lm(
-            dataclasses.replace(model_args, model_name_or_path=adapter_base(adapter)), trust_remote_code
-        )
+        base_path = adapter_base(adapter, base)
+        base_model = load_causal_lm(dataclasses.replace(model_args, model_name_or_path=base_path), trust_remote_code)
         say_once(
-            f"note: {adapter} is an adapter; merged into {adapter_base(adapter)}.",
+            f"note: {adapter} is an adapter; merged into {base_path}.",
             key=f"adapter:{adapter}",
             stream=sys.stderr,
         )
         # merge_and_unload folds B·A (and DoRA's magnitude) into each weight: a plain model from here on.
-        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        return PeftModel.from_pretrained(base_model, adapter).merge_and_unload()
     warn_remote_code(model_args.model_name_or_path, trust_remote_code)
     kwargs = {**model_init_kwargs(model_args, trust_remote_code), **_config_with_dropout(model_args, trust_remote_code)}
     if from_scratch:
