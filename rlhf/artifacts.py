@@ -146,9 +146,24 @@ def incomplete_dir(output_dir: str | Path) -> Path:
     return output_dir.with_name(output_dir.name + INCOMPLETE_SUFFIX)
 
 
+def _readable_like_other_files(folder: Path) -> None:
+    """Give safetensors files the mode any new file gets (0o666 less the umask).
+
+    safetensors 0.8 writes through a temporary file created 0o600 and renames it into place, so
+    model.safetensors ends up readable by its owner alone while config.json beside it is not
+    (safetensors/safetensors#782): another user, or a container user, cannot load the model.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600:
+            path.chmod(0o666 & ~umask)
+
+
 def move_into_place(tmp: Path, final: Path) -> None:
     """Atomically replace `final` with the finished `tmp` (same filesystem, so a rename)."""
     check_output_dir(final)  # also checked before the run; the folder may have changed since
+    _readable_like_other_files(tmp)
     replaced = final.with_name(final.name + ".replaced")
     if final.exists():
         if replaced.exists():

@@ -30,6 +30,17 @@ def test_atomic_output_dir_publishes_only_on_success(tmp_path):
     assert (target / "done.txt").exists() and not incomplete_dir(target).exists()
 
 
+def test_published_weights_are_readable_like_the_files_beside_them(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors 0.8 creates it 0o600
+        (tmp / "config.json").write_text("{}")
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
+
+
 def test_killed_sft_leaves_no_output_and_rerun_resumes(tiny_checkpoint, tmp_path):
     out = tmp_path / "sft"
     recipe = write_recipe(
