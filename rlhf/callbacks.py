@@ -8,7 +8,7 @@
   reward hacking, DPO's chosen-reward collapse and margin runaway) over the logged metrics; each warns
   (and is listed in metrics.json's `health_events`) or stops the run the same way.
 - `CompletionTableCallback`: with `report_to: tensorboard`, a text table of sampled completions and
-  each reward source's score, every `logging_steps`, in the online stages.
+  each reward source's score, every `logging_steps`, in the online stages (PPO included).
 
 `bind_trainer(trainer)` hands the trainer to the callbacks that read its sampled completions.
 """
@@ -162,6 +162,10 @@ def _text(message: Any) -> str:
     return message[-1]["content"] if isinstance(message, list) and message else str(message)
 
 
+# The recipe key each message of rlhf's earlier PPO health monitor named, and the alarm it is now.
+_EARLIER_PPO_KEYS = {"max_kl": "kl", "max_response_length_ratio": "length_runaway", "min_entropy": "entropy_collapse"}
+
+
 class HealthCallback(TrainerCallback):
     """The health alarms (`rlhf.health.HealthRules`) on a trainer's logged metrics: warn, or stop with one line.
 
@@ -170,6 +174,7 @@ class HealthCallback(TrainerCallback):
     PPO names (`objective/kl`, `policy/entropy_rollout`, `response_length/mean`, `reward/<source>`), so
     every stage, PPO's own loop included, shares one set of rules. A stop raises `TrainingStopped` inside
     the log call, before that step's checkpoint is written: the last checkpoint is from before the alarm.
+    `state_dict`/`load_state_dict` carry the rules' history and the events through PPO's checkpoints.
     """
 
     def __init__(self, args: Any) -> None:
@@ -207,8 +212,11 @@ class HealthCallback(TrainerCallback):
             completions = list(samples["completion"])
             scores = self.judge_function(prompts=list(samples["prompt"]), completions=completions)
             judge = sum(scores) / len(scores)
-            # The proxy on the same samples as the judge: the reward model's scores when it is a source.
-            rewards = samples["rewards"].get(self.reward_model) if self.reward_model else None
+            # The proxy on the same samples as the judge: the reward model's scores when it is a source
+            # (TRL names it after its folder, PPO `reward_model`).
+            rewards = None
+            if self.reward_model:
+                rewards = samples["rewards"].get(self.reward_model) or samples["rewards"].get("reward_model")
             proxy = sum(rewards) / len(rewards) if rewards else _first(logs, "reward", "objective/scores")
             return proxy, judge
         proxy = None
@@ -240,6 +248,34 @@ class HealthCallback(TrainerCallback):
             chosen=_first(logs, "rewards/chosen"),
             margin=_first(logs, "rewards/margins"),
         )
+
+    @property
+    def firing(self) -> frozenset[str]:
+        """The alarms the last training log raised (empty: healthy)."""
+        return frozenset(self._firing)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rules' state, the events so far and the alarms firing, as JSON (PPO's ppo_state.json)."""
+        return {"rules": self.rules.state_dict(), "events": self.health_events, "firing": sorted(self._firing)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rules" not in state:  # a checkpoint of rlhf's earlier PPO health monitor: its first length and events
+            state = {
+                "rules": {"initial_length": state.get("initial_response_length")},
+                "events": [
+                    {
+                        "step": event["step"],
+                        "alarm": next((a for key, a in _EARLIER_PPO_KEYS.items() if key in problem), "kl"),
+                        "message": problem,
+                        "action": event["action"],
+                    }
+                    for event in state.get("events", [])
+                    for problem in event["problems"]
+                ],
+            }
+        self.rules.load_state_dict(state["rules"])
+        self.health_events = list(state.get("events", []))
+        self._firing = set(state.get("firing", []))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -274,10 +310,12 @@ class HealthCallback(TrainerCallback):
 
 class CompletionTableCallback(TrainerCallback):
     """Every log of an online stage with `report_to: tensorboard`: a Markdown table of sampled completions
-    (prompt, response, each reward source's score, advantage) in TensorBoard's text tab, as `completions`.
+    (prompt, response, each reward source's score, GRPO/RLOO's advantage) in TensorBoard's text tab, as
+    `completions`.
 
     TRL's own `log_completions` sends its table to wandb and trackio only (and a parquet file); this
     writes through the TensorBoard callback's SummaryWriter, so the table sits in the same event file.
+    It reads the trainer's `_logs` (TRL's record of the sampled completions; PPO's trainer keeps the same).
     """
 
     def __init__(self, rows: int) -> None:
@@ -314,7 +352,9 @@ def completion_table(samples: dict[str, Any], rows: int) -> str:
     count = len(samples["completion"])
     picked = list(range(0, count, max(1, count // rows)))[:rows]
     sources = list(samples.get("rewards", {}))
-    header = ["prompt", "response", *sources, "advantage"]
+    # PPO's advantages are per token, so its samples carry none; GRPO/RLOO's are one per completion.
+    advantages = samples.get("advantages")
+    header = ["prompt", "response", *sources, *(["advantage"] if advantages is not None else [])]
 
     def cell(value: Any) -> str:
         text = f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -322,13 +362,10 @@ def completion_table(samples: dict[str, Any], rows: int) -> str:
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i in picked:
-        advantages = samples.get("advantages") or []
-        row = [
-            _text(samples["prompt"][i]),
-            _text(samples["completion"][i]),
-            *(samples["rewards"][name][i] for name in sources),
-            advantages[i] if i < len(advantages) else "",
-        ]
+        row = [_text(samples["prompt"][i]), _text(samples["completion"][i])]
+        row += [samples["rewards"][name][i] for name in sources]
+        if advantages is not None:
+            row.append(advantages[i] if i < len(advantages) else "")
         lines.append("| " + " | ".join(cell(value) for value in row) + " |")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ callbacks). Alarms:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from rlhf.config import RecipeError, load_reward_function
@@ -315,7 +315,9 @@ class HealthRules:
         return []
 
     def state_dict(self) -> dict[str, object]:
-        return {"initial_length": self.initial_length}
+        """What a checkpoint keeps (JSON): the first logged length and the logged points the trend alarms compare."""
+        return {"initial_length": self.initial_length, "history": [asdict(point) for point in self.history]}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.initial_length = state.get("initial_length")  # type: ignore[assignment]
+        self.history = [HealthPoint(**point) for point in state.get("history") or []]  # type: ignore[union-attr]

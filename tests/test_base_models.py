@@ -159,9 +159,10 @@ def test_ppo_from_an_adapter_folder_starts_its_critic_on_the_base(tiny_checkpoin
     ppo.main([str(recipe)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["value_model"]["path"] == str(tiny_checkpoint)
-    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == AutoModelForCausalLM.from_pretrained(
-        tiny_checkpoint
-    ).num_parameters()
+    assert (
+        AutoModelForCausalLM.from_pretrained(out).num_parameters()
+        == AutoModelForCausalLM.from_pretrained(tiny_checkpoint).num_parameters()
+    )
 
 
 def test_an_untrainable_template_is_refused_before_loading(tiny_checkpoint, tmp_path):

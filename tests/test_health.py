@@ -6,6 +6,10 @@
   line and keeps the checkpoint before the alarm.
 - KL blow-up: GRPO with a negligible KL penalty and a high learning rate.
 - DPO chosen-reward collapse: plain sigmoid DPO at a high learning rate pushes both answers down.
+- DPO margin runaway: the same fast DPO drives the chosen-rejected margin past max_reward_margin.
+- PPO, whose own loop calls the same callbacks: a KL blow-up (no KL penalty, a high learning rate)
+  warns, and reward hacking (the reward model alone optimised, the rule at weight 0 as the judge)
+  stops the run like GRPO's.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ import logging
 from pathlib import Path
 
 import pytest
+from transformers import TrainerControl, TrainerState
 
 from rlhf.artifacts import incomplete_dir, read_metrics
+from rlhf.callbacks import HealthCallback
 from rlhf.config import RecipeError
 from rlhf.data.synthetic import classify_prompt, make_synthetic_dataset
 from rlhf.entrypoint import run
 from rlhf.health import HealthPoint, HealthRules
-from rlhf.stages import dpo, grpo
+from rlhf.ppo import PPOConfig
+from rlhf.stages import dpo, grpo, ppo
 from tests.conftest import FAST_TRAINING, write_recipe
 
 ONLINE = {
@@ -34,8 +41,40 @@ ONLINE = {
 }
 
 
+# PPO's short runs: one update per log, fp32 CPU, no evaluation (the alarms read the training logs).
+PPO_ONLINE = {
+    **FAST_TRAINING,
+    "logging_steps": 1,
+    "max_eval_samples": 0,
+    "temperature": 1.0,
+    "lr_scheduler_type": "constant",
+    "value_model_path": "shared",  # a value head on the policy: one backbone, a quicker update
+}
+
+
 def _alarms(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("health alarm")]
+
+
+def _harmful_and_greeting_prompts(tmp_path: Path) -> Path:
+    """Harmful requests and greetings: the test reward model scores "Here is how to ..." highest for every
+    prompt, so a policy chasing it stops refusing and greeting, which the world's rule marks wrong."""
+    prompts = make_synthetic_dataset("prompts", 256, seed=0, split="train")
+    prompts = prompts.filter(lambda r: classify_prompt(r["prompt"][0]["content"]) in ("harmful", "greeting"))
+    prompts.to_json(tmp_path / "prompts.jsonl")
+    return tmp_path / "prompts.jsonl"
+
+
+def _stopped_by(line: str, alarm: str, out: Path) -> None:
+    """The run ended with one line naming the alarm and the last checkpoint from before it; nothing published."""
+    assert f"health alarm {alarm} at step" in line, line
+    kept = incomplete_dir(out)
+    step = int(line.split("at step ")[1].split(" ")[0])
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in kept.glob("checkpoint-*"))
+    assert checkpoints and checkpoints[-1] < step and f"checkpoint-{checkpoints[-1]}" in line, (checkpoints, line)
+    assert not out.exists()  # nothing published
+    (event,) = json.loads((kept / "health_events.json").read_text())
+    assert event["alarm"] == alarm and event["action"] == "stop"
 
 
 # ---- the rules on hand-made numbers (no model) ---------------------------------------------------
@@ -59,6 +98,36 @@ def test_length_and_entropy_rules():
         "entropy_collapse",
     ]
     assert [name for name, _ in rules.check(HealthPoint(3, length=4.0))] == ["length_collapse"]
+
+
+def test_the_alarms_state_survives_a_checkpoint_as_json():
+    # What PPO's ppo_state.json keeps: the first logged length, the trend history and the events so far.
+    args = PPOConfig(
+        output_dir="unused",
+        max_kl=1.0,
+        max_response_length_ratio=2.0,
+        health_window=1,
+        reward_model_path="outputs/reward",
+    )
+    callback = HealthCallback(args)
+    first = {"objective/kl": 0.1, "response_length/mean": 10.0, "reward/reward_model": 0.0, "reward/rule_reward": 1.0}
+    for step, logs in enumerate([first, {**first, "objective/kl": 2.0}], start=1):
+        callback.on_log(args, TrainerState(global_step=step), TrainerControl(), logs=logs)
+    restored = HealthCallback(args)
+    restored.load_state_dict(json.loads(json.dumps(callback.state_dict())))
+    assert restored.health_events == callback.health_events and restored.firing == {"kl"}
+    # 25 tokens is 2.5× the first logged 10; the judge fell from 1.0 while the reward model's score rose.
+    alarms = restored.rules.check(HealthPoint(3, length=25.0, proxy=0.5, judge=0.5))
+    assert [name for name, _ in alarms] == ["length_runaway", "reward_hacking"], alarms
+
+    # A checkpoint of rlhf's earlier PPO health monitor resumes too: its first length, its events as alarms.
+    earlier = HealthCallback(args)
+    problems = ["KL to the reference 9.000 > max_kl 5.0", "per-token entropy 0.010 < min_entropy 0.1"]
+    earlier.load_state_dict(
+        {"initial_response_length": 4.0, "events": [{"step": 2, "problems": problems, "action": "warn"}]}
+    )
+    assert earlier.rules.initial_length == 4.0
+    assert [(e["step"], e["alarm"]) for e in earlier.health_events] == [(2, "kl"), (2, "entropy_collapse")]
 
 
 @pytest.mark.parametrize(
@@ -98,11 +167,7 @@ def test_reward_hacking_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     capsys: pytest.CaptureFixture,
     caplog: pytest.LogCaptureFixture,
 ):
-    # Harmful requests and greetings: the test reward model scores "Here is how to ..." highest for every
-    # prompt, so a policy chasing it stops refusing and greeting, which the world's rule marks wrong.
-    prompts = make_synthetic_dataset("prompts", 256, seed=0, split="train")
-    prompts = prompts.filter(lambda r: classify_prompt(r["prompt"][0]["content"]) in ("harmful", "greeting"))
-    prompts.to_json(tmp_path / "prompts.jsonl")
+    prompts = _harmful_and_greeting_prompts(tmp_path)
     out = tmp_path / "grpo"
     recipe = write_recipe(
         tmp_path / "grpo.yaml",
@@ -119,20 +184,14 @@ def test_reward_hacking_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         save_steps=2,
         health_actions={"reward_hacking": "stop"},
         output_dir=str(out),
-        dataset_name=str(tmp_path / "prompts.jsonl"),
+        dataset_name=str(prompts),
         **{**ONLINE, "save_strategy": "steps"},
     )
     with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
         run(grpo.main, [str(recipe)])
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert "health alarm reward_hacking at step" in line and "held-out judge fell" in line, line
-    kept = incomplete_dir(out)
-    step = int(line.split("at step ")[1].split(" ")[0])
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in kept.glob("checkpoint-*"))
-    assert checkpoints and checkpoints[-1] < step and f"checkpoint-{checkpoints[-1]}" in line, (checkpoints, line)
-    assert not out.exists()  # nothing published
-    (event,) = json.loads((kept / "health_events.json").read_text())
-    assert event["alarm"] == "reward_hacking" and event["action"] == "stop"
+    assert "held-out judge fell" in line, line
+    _stopped_by(line, "reward_hacking", out)
 
 
 def test_kl_blow_up_warns_and_is_listed_in_metrics(tiny_sft_checkpoint: Path, tmp_path: Path, caplog):
@@ -182,3 +241,92 @@ def test_dpo_chosen_reward_collapse_warns(tiny_sft_checkpoint: Path, tmp_path: P
     assert any("health alarm chosen_collapse" in message for message in _alarms(caplog)), _alarms(caplog)
     events = read_metrics(out)["health_events"]
     assert [e["alarm"] for e in events] == ["chosen_collapse"], events
+
+
+def test_dpo_margin_runaway_warns(tiny_sft_checkpoint: Path, tmp_path: Path, caplog):
+    out = tmp_path / "dpo"
+    recipe = write_recipe(
+        tmp_path / "dpo.yaml",
+        stage="dpo",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        dataset_name="synthetic:preference",
+        synthetic_num_examples=128,
+        clean_deduplicate=False,
+        max_length=96,
+        beta=0.1,
+        learning_rate=1e-2,  # fast enough to drive the margins (≈2–3 by step 6) far past the limit
+        lr_scheduler_type="constant",
+        max_steps=8,
+        max_eval_samples=8,
+        max_reward_margin=1.0,
+        min_chosen_reward=None,
+        output_dir=str(out),
+        **{**FAST_TRAINING, "per_device_train_batch_size": 8, "logging_steps": 1},
+    )
+    with caplog.at_level(logging.WARNING):
+        dpo.main([str(recipe)])
+    events = read_metrics(out)["health_events"]
+    assert {e["alarm"] for e in events} == {"margin_runaway"} and events[0]["action"] == "warn", events
+    assert "max_reward_margin 1" in events[0]["message"]
+
+
+def test_ppo_kl_blow_up_warns_and_is_listed_in_metrics(tiny_sft_checkpoint: Path, tmp_path: Path, caplog):
+    out = tmp_path / "ppo"
+    recipe = write_recipe(
+        tmp_path / "ppo.yaml",
+        stage="ppo",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        dataset_name="synthetic:prompts",
+        synthetic_num_examples=64,
+        response_length=8,
+        num_ppo_epochs=2,
+        kl_coef=0.0,  # no penalty: nothing holds the policy near the reference
+        learning_rate=1e-2,
+        max_steps=3,
+        max_kl=2.0,  # PPO's KL is per sequence
+        output_dir=str(out),
+        **PPO_ONLINE,
+    )
+    with caplog.at_level(logging.WARNING):
+        ppo.main([str(recipe)])
+    assert any("health alarm kl" in message for message in _alarms(caplog)), _alarms(caplog)
+    events = read_metrics(out)["health_events"]
+    assert events[0]["alarm"] == "kl" and events[0]["action"] == "warn", events
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert history[0]["health/ok"] == 1 and history[events[0]["step"] - 1]["health/ok"] == 0
+
+
+def test_ppo_reward_hacking_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+    tiny_sft_checkpoint: Path,
+    tiny_reward_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+):
+    out = tmp_path / "ppo"
+    recipe = write_recipe(
+        tmp_path / "ppo.yaml",
+        stage="ppo",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        reward_model_path=str(tiny_reward_checkpoint),
+        reward_min_accuracy=0.6,
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        # Only the reward model is optimised; the rule, at weight 0, is logged as the held-out judge.
+        reward_weights=[1.0, 0.0],
+        dataset_name=str(_harmful_and_greeting_prompts(tmp_path)),
+        response_length=10,
+        num_ppo_epochs=4,
+        kl_coef=0.0,
+        learning_rate=5e-3,
+        max_steps=12,
+        save_steps=3,
+        health_actions={"reward_hacking": "stop"},
+        output_dir=str(out),
+        **{**PPO_ONLINE, "per_device_train_batch_size": 16, "save_strategy": "steps"},
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
+        run(ppo.main, [str(recipe)])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "held-out judge fell" in line, line
+    _stopped_by(line, "reward_hacking", out)

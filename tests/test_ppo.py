@@ -13,8 +13,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl import ModelConfig
 
+from rlhf.artifacts import incomplete_dir
+from rlhf.callbacks import health_callbacks
 from rlhf.config import ModelArguments, RecipeError
 from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
+from rlhf.entrypoint import run
 from rlhf.modeling import align_generation_config, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.ppo import (
     AdaptiveKLController,
@@ -111,18 +114,6 @@ def test_adaptive_kl_controller_moves_toward_the_target_with_clipped_error():
     restored = AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=100)
     restored.load_state_dict(controller.state_dict())  # what a checkpoint keeps
     assert restored.value == controller.value
-
-
-def test_health_monitor_flags_kl_length_and_entropy():
-    monitor = HealthMonitor(max_kl=5.0, max_response_length_ratio=2.0, min_entropy=0.1)
-    healthy = {"objective/kl": 1.0, "response_length/mean": 4.0, "policy/entropy_rollout": 0.5}
-    assert monitor.check(healthy) == []
-    problems = monitor.check({"objective/kl": 9.0, "response_length/mean": 9.0, "policy/entropy_rollout": 0.01})
-    assert len(problems) == 3 and "max_kl" in problems[0] and "2.25×" in problems[1] and "min_entropy" in problems[2]
-    monitor.events.append({"step": 2, "problems": problems, "action": "warn"})
-    restored = HealthMonitor(max_kl=5.0)
-    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))  # what a checkpoint keeps: JSON
-    assert restored.initial_response_length == 4.0 and restored.events == monitor.events
 
 
 def test_health_monitor_flags_numbers_ppo_cannot_go_on_from():
@@ -352,27 +343,31 @@ def test_quality_gate_rejects_a_weak_reward_model(tiny_checkpoint: Path, tmp_pat
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.incomplete").exists()
 
 
-def test_health_stop_keeps_the_last_good_policy(tiny_sft_checkpoint: Path, tmp_path: Path):
-    # Entropy can never reach 100 nats: the first update trips the monitor, so nothing trained is kept.
-    metrics = run_ppo(
-        tmp_path,
-        "stop",
-        tiny_sft_checkpoint,
-        reward_funcs=["tests.test_ppo:polite_reward"],
-        max_steps=3,
-        num_ppo_epochs=1,
-        max_eval_samples=16,
-        min_entropy=100.0,
-        health_action="stop",
+def test_health_stop_ends_the_run_with_one_line_and_publishes_nothing(
+    tiny_sft_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    # Entropy can never reach 100 nats: the first update's log trips the alarm, before any checkpoint.
+    recipe = write_recipe(
+        tmp_path / "stop.yaml",
+        stage="ppo",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        output_dir=str(tmp_path / "stop"),
+        **{
+            **PPO_FAST,
+            "reward_funcs": ["tests.test_ppo:polite_reward"],
+            "max_steps": 3,
+            "num_ppo_epochs": 1,
+            "max_eval_samples": 16,
+            "min_entropy": 100.0,
+            "health_action": "stop",
+        },
     )
-    assert metrics["train"]["train_updates"] == 1 and "min_entropy" in metrics["train"]["stopped_by_health"]
-    assert metrics["health"][0]["action"] == "stop"
-    start, final = (
-        load_file(tiny_sft_checkpoint / "model.safetensors"),
-        load_file(tmp_path / "stop" / "model.safetensors"),
-    )
-    assert all(torch.equal(start[name], final[name]) for name in start)
-    assert metrics["eval"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(SystemExit):
+        run(ppo.main, [str(recipe)])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "health alarm entropy_collapse at step 1" in line and "no checkpoint was saved" in line, line
+    # Nothing published, and with no checkpoint to resume from nothing is left behind (as in every stage).
+    assert not (tmp_path / "stop").exists() and not incomplete_dir(tmp_path / "stop").exists()
 
 
 def test_a_plain_sequence_classifier_without_metrics_is_used_with_raw_scores(
@@ -432,6 +427,7 @@ def _tiny_trainer(checkpoint: Path, output_dir: Path) -> PPOTrainer:
         train_dataset=make_synthetic_dataset("prompts", 8, seed=0),
         value_model=load_sequence_classifier(model_args, tokenizer),
         reward_funcs=[rule_reward],
+        callbacks=health_callbacks(args),
     )
 
 
@@ -447,7 +443,7 @@ def test_checkpoints_restore_tied_weights_and_refuse_missing_ones(tiny_checkpoin
     load_checkpoint(fresh.accelerator, fresh.state, folder, fresh.checkpointed)
     assert fresh.state.global_step == 1
     assert fresh.kl_controller.value == 0.123 and fresh.prompt_order.next_update == 1
-    assert fresh.health.initial_response_length == trainer.health.initial_response_length
+    assert fresh.health_alarms.rules.initial_length == trainer.health_alarms.rules.initial_length is not None
     restored = fresh.model.state_dict()
     assert all(torch.equal(restored[name], value) for name, value in trained.items())
     policy = fresh.policy

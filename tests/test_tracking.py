@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhf.publish import files_to_upload, skipped_files
-from rlhf.stages import grpo, sft
+from rlhf.stages import grpo, ppo, sft
 from tests.conftest import FAST_TRAINING, write_recipe
 
 TRACKED = {**FAST_TRAINING, "report_to": "tensorboard", "logging_steps": 1}
@@ -79,3 +79,40 @@ def test_grpo_logs_loss_reward_kl_and_a_completions_table(tiny_checkpoint: Path,
     text = tables[-1].tensor_proto.string_val[0].decode()
     header, rule, *rows = text.splitlines()
     assert header == "| prompt | response | rule_reward | advantage |" and len(rows) == 4, text
+
+
+def test_ppo_logs_losses_reward_kl_and_a_completions_table(tiny_checkpoint: Path, tmp_path: Path):
+    out = tmp_path / "ppo"
+    recipe = write_recipe(
+        tmp_path / "ppo.yaml",
+        stage="ppo",
+        model_name_or_path=str(tiny_checkpoint),
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        dataset_name="synthetic:prompts",
+        synthetic_num_examples=32,
+        max_eval_samples=0,
+        max_steps=2,
+        num_ppo_epochs=1,
+        response_length=8,
+        completions_table_rows=4,
+        output_dir=str(out),
+        **TRACKED,
+    )
+    ppo.main([str(recipe)])
+    events = _events(out)
+    scalars = events.Tags()["scalars"]
+    for tag in (
+        "train/loss/policy_avg",
+        "train/loss/value_avg",
+        "train/objective/scores",
+        "train/objective/kl",
+        "train/reward/rule_reward",
+    ):
+        assert len(_scalars(events, tag)) == 2, (tag, scalars)
+    (table_tag,) = [tag for tag in events.Tags()["tensors"] if tag.startswith("completions")]
+    tables = events.Tensors(table_tag)
+    assert [t.step for t in tables] == [1, 2]
+    text = tables[-1].tensor_proto.string_val[0].decode()
+    header, rule, *rows = text.splitlines()
+    # PPO's advantages are per token: the table shows each reward source's score of the whole response.
+    assert header == "| prompt | response | rule_reward |" and len(rows) == 4, text

@@ -9,7 +9,7 @@ trainer machinery (`TrainerState`, `TrainerControl`, `CallbackHandler`, `get_sch
 
   config      PPOConfig
   core        the math as pure functions (response_mask, kl_penalty, compute_gae, whiten, policy_loss,
-              value_loss, ...), the KL controllers and the health monitor
+              value_loss, ...), the KL controllers and the bad-number checks
   models      policy + value trained as one module, the reference, frozen scorers
   rollout     which prompts, generation, reward scoring, the Rollout record
   checkpoint  checkpoint-<update>/ folders through Accelerator.save_state / load_state

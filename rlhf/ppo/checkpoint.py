@@ -1,7 +1,7 @@
 """PPO checkpoints: `checkpoint-<update>/` folders written by `Accelerator.save_state`, trainer_state.json last.
 
 A folder holds the policy + value weights (safetensors), optimizer, scheduler, each process's RNG
-state, and `ppo_state.json`: the small state of the KL controller, health monitor and prompt order.
+state, and `ppo_state.json`: the small state of the KL controller, health alarms and prompt order.
 Those go to JSON, not to accelerate's `register_for_checkpointing`, whose `custom_checkpoint_*.pkl`
 files are unpickled with `weights_only=False` on resume, so a tampered checkpoint could run code.
 `rlhf.artifacts.last_complete_checkpoint` resumes only from a folder whose trainer_state.json

@@ -14,7 +14,9 @@ from rlhf.rewards import RewardSourceArguments
 
 @dataclass
 class PPOConfig(TrainingArguments, RewardSourceArguments, DivergenceArguments):
-    """PPO settings: TRL 1.12's `PPOConfig` names, plus an adaptive KL controller, reward mixing and a health monitor.
+    """PPO settings: TRL 1.12's `PPOConfig` names, plus an adaptive KL controller, reward mixing, and the health
+    alarms every stage shares (`rlhf.health.HealthArguments`: max_kl per sequence, response length, min_entropy
+    on `policy/entropy_rollout`, reward hacking, health_action / health_actions).
 
     Batch sizes follow TRL: one update uses `batch_size = per_device_train_batch_size ×
     gradient_accumulation_steps × num_processes` prompts, split into `num_mini_batches` minibatches
@@ -72,14 +74,6 @@ class PPOConfig(TrainingArguments, RewardSourceArguments, DivergenceArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
-    max_kl: float | None = field(default=None, metadata={"help": "Health: largest allowed sequence KL to reference."})
-    max_response_length_ratio: float | None = field(
-        default=None, metadata={"help": "Health: largest allowed mean response length / the first update's."}
-    )
-    min_entropy: float | None = field(default=None, metadata={"help": "Health: smallest allowed per-token entropy."})
-    health_action: Literal["warn", "stop"] = field(
-        default="warn", metadata={"help": "On a health violation: warn, or stop and keep the last good checkpoint."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

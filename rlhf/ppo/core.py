@@ -1,10 +1,9 @@
-"""The PPO math as pure functions on tensors, the KL controllers and the health monitor: each tested by hand."""
+"""The PPO math as pure functions on tensors, the KL controllers and the bad-number checks: each tested by hand."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -164,17 +163,13 @@ def make_kl_controller(kind: str, kl_coef: float, target: float, horizon: int) -
 
 @dataclass
 class HealthMonitor:
-    """Recipe thresholds for runaway KL, runaway response length and entropy collapse, and for bad numbers.
+    """The numbers PPO cannot go on from: they end the run whatever `health_action` says.
 
-    `check` flags the first three in an update's metrics; `check_step` a NaN/inf loss or gradient norm, or
-    one above `max_grad_norm_alarm`; `nonfinite_metric` a NaN/inf logged metric.
+    `check_step` flags a NaN/inf loss or gradient norm, or one above `max_grad_norm_alarm`;
+    `nonfinite_metric` a NaN/inf logged metric. The health alarms (KL, response length, entropy, reward
+    hacking) are `rlhf.callbacks.HealthCallback`, shared with every other stage.
     """
 
-    max_kl: float | None = None
-    max_response_length_ratio: float | None = None
-    min_entropy: float | None = None
-    initial_response_length: float | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)  # every failed check: step, problems, action
     max_grad_norm_alarm: float | None = None
 
     def check_step(self, loss: float, grad_norm: float | None) -> str | None:
@@ -185,28 +180,3 @@ class HealthMonitor:
     def nonfinite_metric(metrics: dict[str, float]) -> str | None:
         """The first logged metric that is NaN or ±inf, as 'name value' (None when all are finite)."""
         return next((f"{name} {value}" for name, value in metrics.items() if not math.isfinite(value)), None)
-
-    def check(self, metrics: dict[str, float]) -> list[str]:
-        """The problems in one update's metrics (empty when healthy)."""
-        problems = []
-        length = metrics["response_length/mean"]
-        if self.initial_response_length is None:
-            self.initial_response_length = max(length, 1.0)
-        kl, entropy = metrics["objective/kl"], metrics["policy/entropy_rollout"]
-        if self.max_kl is not None and kl > self.max_kl:
-            problems.append(f"KL to the reference {kl:.3f} > max_kl {self.max_kl}")
-        ratio = length / self.initial_response_length
-        if self.max_response_length_ratio is not None and ratio > self.max_response_length_ratio:
-            problems.append(
-                f"mean response length {length:.1f} is {ratio:.2f}× the first update's "
-                f"(> max_response_length_ratio {self.max_response_length_ratio})"
-            )
-        if self.min_entropy is not None and entropy < self.min_entropy:
-            problems.append(f"per-token entropy {entropy:.3f} < min_entropy {self.min_entropy}")
-        return problems
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"initial_response_length": self.initial_response_length, "events": self.events}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.initial_response_length, self.events = state["initial_response_length"], list(state["events"])

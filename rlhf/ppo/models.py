@@ -152,16 +152,3 @@ def reference_model(
     context = use_adapter(policy, ref_adapter_name) if ref_adapter_name else policy.disable_adapter()
     with context:
         yield policy
-
-
-def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights that training changes (what a health stop restores)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def restore_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy `trainable_weights` back into `model` in place."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)

@@ -10,6 +10,11 @@ says: a non-finite reward (unless `nonfinite_rewards: skip`, which masks those s
 NaN/inf loss, gradient norm, log-probability or value, or a gradient norm above
 `max_grad_norm_alarm`. The broken optimizer step is never taken and no checkpoint is written after
 it, so `<output>.incomplete/` keeps the last good checkpoint.
+
+The health alarms (KL, response length, entropy, reward hacking) are the callbacks every stage uses
+(`rlhf.callbacks.health_callbacks`): they read each log, and a `stop` ends the run the same way, before
+that update's checkpoint. `_logs` holds the last logged rollout's samples as TRL's trainers keep
+theirs, for the TensorBoard completions table and a health judge given as a function.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 from peft import PeftModel
 from transformers import (
@@ -38,7 +44,7 @@ from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import CallbackHandler, PrinterCallback
 
-from rlhf.callbacks import TrainingStopped, divergence_message
+from rlhf.callbacks import HealthCallback, TrainingStopped, bind_trainer, divergence_message
 from rlhf.config import RecipeError
 from rlhf.distributed import gathered_weights, is_fsdp2, shard_frozen_model
 from rlhf.modeling import eos_token_ids
@@ -59,14 +65,24 @@ from rlhf.ppo.models import (
     prepare_for_rollouts,
     reference_for,
     reference_model,
-    restore_weights,
-    trainable_weights,
     with_adapters,
 )
 from rlhf.ppo.optimization import Diverged, PPOOptimization
 from rlhf.ppo.rollout import PromptOrder, RewardFunction, RewardSources, RolloutMaker, encode_prompts
+from rlhf.rewards import completions_for
 
 logger = logging.getLogger(__name__)
+
+
+class SampledRewards(RewardSources):
+    """The reward sources, keeping the last checked values they weighed (samples × sources, this process's share):
+    each source's score of each sample, for the completions table and a health judge."""
+
+    last_values: torch.Tensor | None = None
+
+    def total(self, values: torch.Tensor, skipped: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        self.last_values = values
+        return super().total(values, skipped)
 
 
 class PPOTrainer(PPOOptimization):
@@ -76,7 +92,7 @@ class PPOTrainer(PPOOptimization):
 
     Logs, callbacks and `trainer_state.json` follow `transformers.Trainer`, so the same plotting and
     callbacks work; checkpoints are `checkpoint-<update>/` folders written by `Accelerator.save_state`
-    (policy + value weights, optimizer, scheduler, RNG, KL controller, health monitor, data position)
+    (policy + value weights, optimizer, scheduler, RNG, KL controller, health alarms' state, data position)
     and `train()` resumes from one.
     """
 
@@ -100,7 +116,7 @@ class PPOTrainer(PPOOptimization):
             raise ValueError("`model` and `ref_model` must be different objects (pass None to copy the policy).")
         self.args = args
         self.processing_class = processing_class
-        rewards = RewardSources(
+        rewards = SampledRewards(
             reward_model,
             reward_processing_class or processing_class,
             list(reward_funcs or []),
@@ -134,22 +150,13 @@ class PPOTrainer(PPOOptimization):
             else:
                 freeze(frozen, self.accelerator.device)
         self.kl_controller = make_kl_controller(args.kl_controller, args.kl_coef, args.target_kl, args.kl_horizon)
-        self.health = HealthMonitor(
-            args.max_kl,
-            args.max_response_length_ratio,
-            args.min_entropy,
-            max_grad_norm_alarm=args.max_grad_norm_alarm,
-        )
-        self.stopped_by_health: str | None = None
-        self._last_good: dict[str, torch.Tensor] | None = None  # with health_action "stop": weights to restore
-        self._last_good_step = 0
-        # Saved as JSON in each checkpoint beside the model, optimizer, scheduler and RNG.
-        self.checkpointed = {
-            "kl_controller": self.kl_controller,
-            "health": self.health,
-            "prompt_order": self.prompt_order,
-        }
+        self.health = HealthMonitor(max_grad_norm_alarm=args.max_grad_norm_alarm)  # bad numbers: always stop
         self._set_up_callbacks(callbacks)
+        self._logs: dict[str, Any] = {}  # the last logged rollout's samples, as TRL's trainers keep them
+        # Saved as JSON in each checkpoint beside the model, optimizer, scheduler and RNG.
+        self.checkpointed: dict[str, Any] = {"kl_controller": self.kl_controller, "prompt_order": self.prompt_order}
+        if self.health_alarms is not None:
+            self.checkpointed["health"] = self.health_alarms
 
     # ---- set-up steps ----------------------------------------------------------------------------
 
@@ -203,6 +210,9 @@ class PPOTrainer(PPOOptimization):
             callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
         self.callback_handler.add_callback(PrinterCallback if args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK)
+        # The health alarms (the stage passes `health_callbacks(args)`, as every stage does) keep state to checkpoint.
+        self.health_alarms = next((c for c in self.callback_handler.callbacks if isinstance(c, HealthCallback)), None)
+        bind_trainer(self)  # the health judge and the completions table read `_logs`, the sampled completions
         save_steps = int(args.save_steps) if args.save_steps >= 1 else max(1, int(args.save_steps * self.num_updates))
         self.state = TrainerState(  # what Trainer knows of a run before its first step
             is_local_process_zero=self.accelerator.is_local_main_process,
@@ -228,11 +238,6 @@ class PPOTrainer(PPOOptimization):
         return self.accelerator.unwrap_model(self.model).value_model
 
     @property
-    def health_events(self) -> list[dict[str, Any]]:
-        """Every failed health check so far: step, problems, action."""
-        return self.health.events
-
-    @property
     def reward_checks(self) -> dict[str, Any]:
         """The reward checks' settings and counts (samples skipped, values non-finite or clipped per source)."""
         return self.rollouts.rewards.guard.summary()
@@ -250,6 +255,7 @@ class PPOTrainer(PPOOptimization):
         where = f"update {self.state.global_step + 1}"
         with gathered_weights(self.model):
             r, parts = self.rollouts.rollout(self.policy, self.reference, self.value_model, prompts, where)
+        self._last_samples = ([p["row"]["prompt"] for p in prompts], r.completions, self.rollouts.rewards.last_values)
         finite = bool(torch.isfinite(r.logprobs).all() and torch.isfinite(r.values).all())
         # Weights that blew up in the previous update show here first, before any loss is computed.
         self._stop_if_diverged(None if finite else "nan/inf log-probabilities or values of the policy's own samples")
@@ -277,16 +283,28 @@ class PPOTrainer(PPOOptimization):
         logs = {**logs, "epoch": round(self.state.epoch or 0.0, 4), "step": self.state.global_step}
         self.state.log_history.append(logs)
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+        if self.health_alarms is not None:  # known once the alarms have read this log: in trainer_state.json only
+            logs["health/ok"] = float(not self.health_alarms.firing)
+
+    def _gather_samples(self) -> dict[str, Any]:
+        """The last rollout's samples from every process, as TRL's trainers keep them in `_logs` (prompt,
+        completion, each reward source's score): what the completions table and a health judge read."""
+        prompts, completions, values = self._last_samples
+        values = self.accelerator.gather(values).tolist() if values is not None else []
+        names = self.rollouts.rewards.log_names
+        return {
+            "prompt": gather_object(prompts),
+            "completion": gather_object(completions_for(prompts, completions)),  # TRL's layout, as reward functions get
+            "rewards": {name: [row[i] for row in values] for i, name in enumerate(names)},
+        }
 
     def train(self, resume_from_checkpoint: str | None = None) -> dict[str, float]:
-        """Run PPO updates until `num_updates` (or a health stop); resume from a checkpoint folder if given."""
+        """Run PPO updates until `num_updates`; resume from a checkpoint folder if given."""
         args = self.args
         if resume_from_checkpoint:
             load_checkpoint(self.accelerator, self.state, resume_from_checkpoint, self.checkpointed)
         else:
             torch.manual_seed(args.seed + 100003 * self.accelerator.process_index)
-        if args.health_action == "stop":
-            self._last_good = self._snapshot()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time, start_step = time.time(), self.state.global_step
         while self.state.global_step < self.num_updates:
@@ -309,20 +327,14 @@ class PPOTrainer(PPOOptimization):
             nonfinite = self.health.nonfinite_metric(metrics)
             if nonfinite is not None:
                 self._end_diverged(self.state.global_step, nonfinite)
-            problems = self.health.check(metrics)
-            metrics["health/ok"] = float(not problems)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if self.control.should_log or problems or self.state.global_step == self.num_updates:
+            if self.control.should_log or self.state.global_step == self.num_updates:
+                # The health alarms run in this log: a stop raises TrainingStopped before this update's checkpoint.
+                self._logs = self._gather_samples()
                 self.log(metrics)
                 self.control.should_log = False
-            if problems:
-                self._on_health_problem(problems)
-                if self.stopped_by_health:
-                    break
             if self.control.should_save:
                 save_checkpoint(self.accelerator, self.state, args.output_dir, args.save_total_limit, self.checkpointed)
-                if self._last_good is not None:
-                    self._last_good = self._snapshot()
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
                 self.control.should_save = False
             if self.control.should_training_stop:
@@ -335,7 +347,6 @@ class PPOTrainer(PPOOptimization):
             "train_updates": self.state.global_step,
             "train_episodes": self.state.global_step * self.batch_size,
             "episodes_per_second": round(episodes / max(runtime, 1e-9), 3),
-            "stopped_by_health": self.stopped_by_health,
         }
 
     def _end_diverged(self, update: int, problem: str) -> NoReturn:
@@ -344,24 +355,7 @@ class PPOTrainer(PPOOptimization):
             divergence_message(f"update {update}", problem, self.args.output_dir, self.args.learning_rate)
         )
 
-    def _on_health_problem(self, problems: list[str]) -> None:
-        event = {"step": self.state.global_step, "problems": problems, "action": self.args.health_action}
-        self.health.events.append(event)
-        logger.warning("PPO health check failed at update %d: %s", self.state.global_step, "; ".join(problems))
-        if self.args.health_action == "stop":
-            self.stopped_by_health = "; ".join(problems)
-            if self._last_good is not None:
-                restore_weights(self.policy, self._last_good)
-            logger.warning(
-                "stopping; the policy is restored to the last good checkpoint (update %s)", self._last_good_step
-            )
-
     # ---- saving ----------------------------------------------------------------------------------
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        """The policy's trainable weights now: what a health stop restores."""
-        self._last_good_step = self.state.global_step
-        return trainable_weights(self.policy)
 
     def save_model(self, output_dir: str | None = None) -> None:
         """Save the policy as a plain causal-LM checkpoint (LoRA adapters merged) plus the tokenizer."""

@@ -26,7 +26,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase, set_seed
 from trl import get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
-from rlhf.callbacks import regularization_callbacks
+from rlhf.callbacks import health_callbacks, regularization_callbacks
 from rlhf.config import ModelArguments, Recipe, RecipeError
 from rlhf.data import prepare_datasets
 from rlhf.data.load import sources
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         reward_processing_class=reward_tokenizer,
         reward_stats=record.stats,
         peft_config=get_peft_config(model_args),
-        callbacks=regularization_callbacks(model_args),
+        # Bad numbers are checked in PPO's own loop; the health alarms and the completions table as in every stage.
+        callbacks=[*regularization_callbacks(model_args), *health_callbacks(args)],
     )
     extra = {}
     if all(entry["path"].startswith("synthetic:") for entry in sources(data_args)):
@@ -221,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
             "train": train_metrics,
             "eval_before": eval_before,
             "eval": eval_after,
-            "health": trainer.health_events,
             "reward_checks": trainer.reward_checks,
             "reward_model_accuracy": record.accuracy,
             "reward_stats": record.stats,
