@@ -49,7 +49,7 @@ def evaluate_before_training(trainer: Any, **kwargs: Any) -> dict[str, float]:
     ZeRO-3 the inference engine evaluate() builds is dropped, so train() builds its training engine.
     (ZeRO-2 cannot evaluate before training: transformers' evaluate() refuses ZeRO inference below stage 3.)
     """
-    if _is_fsdp2(trainer):
+    if trainer.accelerator.is_fsdp2:
         shard_for_training(trainer)
     _log_beside_output(trainer)
     metrics = trainer.evaluate(metric_key_prefix="eval_before", **kwargs)
@@ -67,11 +67,6 @@ def evaluate_before_training(trainer: Any, **kwargs: Any) -> dict[str, float]:
         if model in accelerator._models:
             accelerator._models.remove(model)
     return metrics
-
-
-def _is_fsdp2(trainer: Any) -> bool:
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    return bool(getattr(trainer, "is_fsdp_enabled", False)) and getattr(plugin, "fsdp_version", 1) == 2
 
 
 def shard_for_training(trainer: Any) -> None:
@@ -132,14 +127,6 @@ def shutdown_distributed() -> None:
     torch_distributed = sys.modules.get("torch.distributed")  # never import torch just to find nothing to do
     if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
         torch_distributed.destroy_process_group()
-
-
-def is_fsdp2(accelerator: Any) -> bool:
-    """Whether `accelerator` shards its models with FSDP2 (`fully_shard`)."""
-    from accelerate.utils import DistributedType
-
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    return accelerator.distributed_type == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2
 
 
 def shard_frozen_model(accelerator: Any, model: Any) -> Any:

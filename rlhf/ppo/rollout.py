@@ -228,6 +228,7 @@ class Rollout:
     entropy: torch.Tensor  # per token, of the rollout policy
     skipped: torch.Tensor  # per sample: a reward source gave NaN/inf (nonfinite_rewards: skip)
     completions: list[str] = field(default_factory=list)
+    source_scores: torch.Tensor | None = None  # samples × reward sources, checked, before weighting
 
     def metrics(
         self, kl: torch.Tensor, non_score_reward: torch.Tensor, stop_token_ids: list[int]
@@ -288,8 +289,9 @@ class RolloutMaker:
 
     def score(
         self, rows: list[dict[str, Any]], completions: list[str], where: str, across_processes: bool
-    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """Checked, weighted rewards of completions; each source's mean; the samples skipped for a non-finite value.
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, torch.Tensor]:
+        """Checked, weighted rewards of completions; each source's mean; the samples skipped for a non-finite value;
+        each source's checked value of each sample (samples × sources).
 
         `across_processes`: each process holds its own share of the batch, so the checks run on all of
         it (gathered) and every process stops, or skips the same samples, alike.
@@ -297,12 +299,12 @@ class RolloutMaker:
         values, missing = self.rewards.values(rows, completions, self.accelerator.device)
         if not across_processes:
             values, skipped = self.rewards.guard.check(values, missing, where, record=False)
-            return (*self.rewards.total(values, skipped), skipped)
+            return (*self.rewards.total(values, skipped), skipped, values)
         count, start = len(values), self.accelerator.process_index * len(values)
         values, missing = self.accelerator.gather(values), self.accelerator.gather(missing.float())
         values, skipped = self.rewards.guard.check(values, missing, where)
         values, skipped = values[start : start + count], skipped[start : start + count]
-        return (*self.rewards.total(values, skipped), skipped)
+        return (*self.rewards.total(values, skipped), skipped, values)
 
     @torch.no_grad()
     def rollout(
@@ -331,7 +333,9 @@ class RolloutMaker:
                 values.append(token_values(value_model, policy, ids, attn)[:, context_length - 1 : -1].float())
             logprobs.append(logprob)
         completions = completion_texts(self.tokenizer, responses, mask)
-        scores, parts, skipped = self.score([p["row"] for p in prompts], completions, where, across_processes=True)
+        scores, parts, skipped, source_scores = self.score(
+            [p["row"] for p in prompts], completions, where, across_processes=True
+        )
         if args.missing_eos_penalty is not None and self.stop_token_ids:
             scores = scores - args.missing_eos_penalty * (~is_stop_token(responses, self.stop_token_ids).any(1)).float()
         rollout = Rollout(
@@ -347,6 +351,7 @@ class RolloutMaker:
             entropy=torch.cat(entropies),
             skipped=skipped,
             completions=completions,
+            source_scores=source_scores,
         )
         return rollout, parts
 
@@ -376,7 +381,7 @@ class RolloutMaker:
             rows = [p["row"] for p in chunk]
             # Every process evaluates every prompt, so each takes the same decision on its own values.
             where = f"the {metric_key_prefix} evaluation"
-            scores, parts, skipped = self.score(rows, completions, where, across_processes=False)
+            scores, parts, skipped, _ = self.score(rows, completions, where, across_processes=False)
             kept = ~skipped
             skipped_count += int(skipped.sum())
             with self.accelerator.autocast():

@@ -46,7 +46,7 @@ from transformers.trainer_callback import CallbackHandler, PrinterCallback
 
 from rlhf.callbacks import HealthCallback, TrainingStopped, bind_trainer, divergence_message
 from rlhf.config import RecipeError
-from rlhf.distributed import gathered_weights, is_fsdp2, shard_frozen_model
+from rlhf.distributed import gathered_weights, shard_frozen_model
 from rlhf.modeling import eos_token_ids
 from rlhf.ppo.checkpoint import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 from rlhf.ppo.config import PPOConfig
@@ -72,17 +72,6 @@ from rlhf.ppo.rollout import PromptOrder, RewardFunction, RewardSources, Rollout
 from rlhf.rewards import completions_for
 
 logger = logging.getLogger(__name__)
-
-
-class SampledRewards(RewardSources):
-    """The reward sources, keeping the last checked values they weighed (samples × sources, this process's share):
-    each source's score of each sample, for the completions table and a health judge."""
-
-    last_values: torch.Tensor | None = None
-
-    def total(self, values: torch.Tensor, skipped: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        self.last_values = values
-        return super().total(values, skipped)
 
 
 class PPOTrainer(PPOOptimization):
@@ -116,7 +105,7 @@ class PPOTrainer(PPOOptimization):
             raise ValueError("`model` and `ref_model` must be different objects (pass None to copy the policy).")
         self.args = args
         self.processing_class = processing_class
-        rewards = SampledRewards(
+        rewards = RewardSources(
             reward_model,
             reward_processing_class or processing_class,
             list(reward_funcs or []),
@@ -143,7 +132,7 @@ class PPOTrainer(PPOOptimization):
         prepare_for_rollouts(model, self.ref_model, value_model, reward_model)
         self._plan_updates(train_dataset, eval_dataset)
         self._prepare_optimization(PolicyAndValue(model, value_model))
-        self.sharded = is_fsdp2(self.accelerator)
+        self.sharded = self.accelerator.is_fsdp2
         for frozen in (self.ref_model, reward_model):
             if self.sharded and frozen is not None:
                 shard_frozen_model(self.accelerator, frozen)  # in place: RewardSources holds the same object
@@ -255,7 +244,7 @@ class PPOTrainer(PPOOptimization):
         where = f"update {self.state.global_step + 1}"
         with gathered_weights(self.model):
             r, parts = self.rollouts.rollout(self.policy, self.reference, self.value_model, prompts, where)
-        self._last_samples = ([p["row"]["prompt"] for p in prompts], r.completions, self.rollouts.rewards.last_values)
+        self._last_samples = ([p["row"]["prompt"] for p in prompts], r.completions, r.source_scores)
         finite = bool(torch.isfinite(r.logprobs).all() and torch.isfinite(r.values).all())
         # Weights that blew up in the previous update show here first, before any loss is computed.
         self._stop_if_diverged(None if finite else "nan/inf log-probabilities or values of the policy's own samples")
