@@ -104,6 +104,29 @@ def _on_gpu_here() -> bool:
     return torch.cuda.is_available()
 
 
+def _read_deepspeed_json(config_path: Path, json_path: str) -> dict[str, Any]:
+    """The YAML-style keys (zero_stage, offload devices) of the DeepSpeed JSON an accelerate config names.
+
+    accelerate resolves the path from where it is launched; the planner also tries it beside the config's folder
+    (accelerate_configs/zero3_cpu.yaml names accelerate_configs/zero3_cpu.json from the repository root)."""
+    candidates = [Path(json_path), config_path.parent.parent / json_path, config_path.parent / json_path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise RecipeError(
+            f"--config: {config_path} names the DeepSpeed JSON {json_path!r} (deepspeed_config_file), which does not "
+            "exist; run from the folder it is relative to, or fix the path."
+        )
+    try:
+        zero = json.loads(found.read_text()).get("zero_optimization") or {}
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise RecipeError(f"--config: {found} (deepspeed_config_file) is not a JSON object ({error}).") from None
+    return {
+        "zero_stage": zero.get("stage", 2),
+        "offload_optimizer_device": str((zero.get("offload_optimizer") or {}).get("device", "none")),
+        "offload_param_device": str((zero.get("offload_param") or {}).get("device", "none")),
+    }
+
+
 def read_accelerate_config(path: str | None, num_processes: int | None = None) -> Parallelism:
     """The Parallelism an `accelerate launch --config_file PATH` run would use (`num_processes` overrides)."""
     if num_processes is not None and num_processes < 1:
@@ -149,10 +172,7 @@ def read_accelerate_config(path: str | None, num_processes: int | None = None) -
     if kind == "DEEPSPEED":
         ds = config.get("deepspeed_config") or {}
         if ds.get("deepspeed_config_file"):
-            raise RecipeError(
-                f"--config: {path} points at a DeepSpeed JSON (deepspeed_config_file); give zero_stage and the offload "
-                "devices in the YAML instead, as accelerate_configs/zero3.yaml does."
-            )
+            ds = _read_deepspeed_json(Path(path), str(ds["deepspeed_config_file"]))
         stage = int(ds.get("zero_stage", 2))
         if stage not in (2, 3):
             raise RecipeError(f"--config: zero_stage {stage} in {path}; the planner models ZeRO stages 2 and 3.")

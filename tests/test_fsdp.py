@@ -85,7 +85,12 @@ def is_about_half(fraction: float, rows: int) -> bool:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_shards_its_model_over_two_cpu_processes_and_saves_one_full_checkpoint(fsdp_run: dict, stage: str):
-    report, output = fsdp_run["reports"][stage], fsdp_run["outputs"][stage]
+    assert_sharded_and_published_once(fsdp_run, stage)
+
+
+def assert_sharded_and_published_once(run: dict, stage: str) -> None:
+    """A stage's report and output from a sharded launch (FSDP2 here, ZeRO-3 in test_zero3.py)."""
+    report, output = run["reports"][stage], run["outputs"][stage]
     assert report["world_size"] == 2
     assert read_metrics(output)["world_size"] == 2
     # Sharded, not replicated: every parameter is a DTensor, and each rank holds about half of each
@@ -128,9 +133,14 @@ def test_stage_shards_its_model_over_two_cpu_processes_and_saves_one_full_checkp
 def test_sft_loss_under_fsdp_matches_one_process_with_the_same_global_batch(fsdp_run: dict, tiny_checkpoint: Path):
     """Sharding changes where weights live, not the maths: the loss curve is the one-process one (and DDP's,
     which test_distributed holds to the same one-process curve), to float rounding (rel 1e-4)."""
+    assert_sft_loss_matches_one_process(fsdp_run, tiny_checkpoint)
+
+
+def assert_sft_loss_matches_one_process(run: dict, tiny_checkpoint: Path) -> None:
+    """The sharded launch's SFT losses against a 1-process run with the same global batch (and eval before training ran)."""
     from rlhf.stages import sft
 
-    tmp = fsdp_run["tmp"]
+    tmp = run["tmp"]
     recipe = write_recipe(
         tmp / "sft_one.yaml",
         stage="sft",
@@ -141,13 +151,13 @@ def test_sft_loss_under_fsdp_matches_one_process_with_the_same_global_batch(fsdp
     sft.main([str(recipe)])
     history = json.loads((tmp / "sft_one" / "trainer_state.json").read_text())["log_history"]
     one = [entry["loss"] for entry in history if "loss" in entry]
-    sharded = [entry["loss"] for entry in fsdp_run["reports"]["sft"]["log_history"] if "loss" in entry]
+    sharded = [entry["loss"] for entry in run["reports"]["sft"]["log_history"] if "loss" in entry]
     assert len(one) == len(sharded) == 4
     assert sharded == pytest.approx(one, rel=1e-4)
     assert sharded[-1] < sharded[0]  # and it learned
     # Evaluation before training ran on the sharded model too (transformers alone raises there under FSDP2).
     # Its value is not compared: 2 processes split the 20 held-out rows into other batches than 1 does.
-    assert math.isfinite(read_metrics(fsdp_run["outputs"]["sft"])["eval_before"]["eval_before_loss"])
+    assert math.isfinite(read_metrics(run["outputs"]["sft"])["eval_before"]["eval_before_loss"])
 
 
 # ---- PPO: FSDP2 against DDP, and a kill -------------------------------------------------------------

@@ -95,6 +95,21 @@ def test_zero3_and_offload_move_state_off_the_device(recipes, tmp_path):
     assert "optimizer state" in offloaded.host and "optimizer state" not in offloaded.peak
 
 
+def test_a_deepspeed_json_named_by_the_config_is_read(recipes, tmp_path, monkeypatch):
+    # accelerate_configs/zero3_cpu.yaml names zero3_cpu.json (stage 3, nothing offloaded) from the repository root
+    monkeypatch.chdir(tmp_path)  # found beside the config's folder too, wherever the planner runs
+    shipped = plan_recipe([str(recipes["sft"])], str(CONFIGS / "zero3_cpu.yaml"))
+    assert shipped.parallelism.strategy == "zero3" and shipped.parallelism.num_processes == 2
+    assert not shipped.parallelism.offload_optimizer and not shipped.parallelism.offload_params
+    offload = tmp_path / "offload.json"
+    offload.write_text('{"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}')
+    config = _config(tmp_path, "zero3.yaml", deepspeed_config={"deepspeed_config_file": str(offload)})
+    assert read_accelerate_config(str(config)).offload_params
+    missing = _config(tmp_path, "zero3.yaml", deepspeed_config={"deepspeed_config_file": "nowhere.json"})
+    with pytest.raises(RecipeError, match="nowhere.json.*does not exist"):
+        read_accelerate_config(str(missing))
+
+
 def test_lora_predicts_less_than_full_fine_tuning(recipes):
     full = plan_recipe([str(recipes["ppo"])], prompt_length=32)
     lora = plan_recipe([str(recipes["ppo"]), "--use_peft", "true", "--lora_r", "4"], prompt_length=32)

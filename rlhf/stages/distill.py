@@ -27,6 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
 from trl import DistillationConfig, DistillationTrainer, SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
+from trl.models.utils import prepare_deepspeed
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
@@ -65,7 +66,12 @@ class OfflineDistillationTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, teacher_model: PreTrainedModel, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        if self.is_deepspeed_enabled:
+            # accelerate's prepare_model leaves a model alone under DeepSpeed; under ZeRO-3 the teacher was built
+            # partitioned and needs an engine to gather its weights in forward (as TRL's GKDTrainer does).
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -164,6 +170,14 @@ def build_student(recipe: Recipe) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.trust_remote_code)
 
 
+def count_parameters(model: PreTrainedModel) -> int:
+    """`model.num_parameters()`, also when DeepSpeed ZeRO-3 built the model partitioned: there a parameter's
+    numel() is the size of this process's slice (0 for most), and `ds_numel` the whole parameter's."""
+    if any(hasattr(p, "ds_numel") for p in model.parameters()):
+        return sum(p.ds_numel for p in model.parameters())
+    return model.num_parameters()
+
+
 def _on_policy_config(args: DistillStageConfig) -> DistillationConfig:
     """The DistillationConfig carrying this recipe's shared settings (max_new_tokens → max_completion_length)."""
     names = {f.name for f in dataclasses.fields(DistillationConfig) if f.init}
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     student = build_student(recipe)
     align_generation_config(student, tokenizer)
     align_generation_config(teacher, tokenizer)
-    sizes = {"teacher": teacher.num_parameters(), "student": student.num_parameters()}
+    sizes = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
     sizes["student_fraction"] = sizes["student"] / sizes["teacher"]
 
     final_dir, resume_from = start_stage(training_args)

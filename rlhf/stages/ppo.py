@@ -122,13 +122,24 @@ def choose_value_model(
     return args.reward_model_path, "the reward model, which shares the policy's tokenizer"
 
 
+def launched_with_zero3() -> bool:
+    """Whether `accelerate launch` runs this process under DeepSpeed ZeRO-3: `zero_stage: 3` in the accelerate config,
+    or stage 3 in the DeepSpeed JSON it names (`deepspeed_config_file`, as accelerate_configs/zero3_cpu.yaml does;
+    accelerate then sets no ACCELERATE_DEEPSPEED_ZERO_STAGE and takes the stage from the file)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return False
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":
+        from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+        return HfDeepSpeedConfig(config_file).is_zero3()
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
     """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
     # Refused before anything is built (TrainingArguments would set up DeepSpeed), not by a hang at generation.
-    if (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    ):
+    if launched_with_zero3():
         raise RecipeError(
             "ppo: PPO does not run under DeepSpeed ZeRO-3 (generation needs the gathered weights); launch it with "
             "accelerate_configs/fsdp.yaml (FSDP2 shards all four models) or ddp.yaml."
