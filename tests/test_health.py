@@ -10,12 +10,22 @@
 - PPO, whose own loop calls the same callbacks: a KL blow-up (no KL penalty, a high learning rate)
   warns, and reward hacking (the reward model alone optimised, the rule at weight 0 as the judge)
   stops the run like GRPO's.
+- Length runaway: GRPO rewarded by its completions' length (`reward_longer_answers`, defined here) at
+  a high learning rate; the mean length passes max_response_length_ratio × the first logged one, and
+  with `health_actions: {length_runaway: stop}` the run ends with one line and keeps the checkpoint
+  before the alarm.
+- Length collapse: GRPO rewarded for short completions (`reward_shorter_answers`: an immediate EOS
+  scores best); the mean length falls below min_response_length_ratio × the first logged one.
+- Entropy collapse: the same reward, faster, longer and in groups of 8: every completion becomes the
+  one fixed (empty) answer, the policy turns deterministic and its logged per-token entropy falls from
+  its start below min_entropy.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +62,15 @@ PPO_ONLINE = {
 }
 
 
+# Reward functions for the length and entropy alarms (TRL passes each completion's token ids).
+def reward_longer_answers(prompts: list, completions: list, completion_ids: list[list[int]], **kwargs) -> list[float]:
+    return [float(len(ids)) for ids in completion_ids]
+
+
+def reward_shorter_answers(prompts: list, completions: list, completion_ids: list[list[int]], **kwargs) -> list[float]:
+    return [-float(len(ids)) for ids in completion_ids]
+
+
 def _alarms(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("health alarm")]
 
@@ -63,6 +82,12 @@ def _harmful_and_greeting_prompts(tmp_path: Path) -> Path:
     prompts = prompts.filter(lambda r: classify_prompt(r["prompt"][0]["content"]) in ("harmful", "greeting"))
     prompts.to_json(tmp_path / "prompts.jsonl")
     return tmp_path / "prompts.jsonl"
+
+
+def _logged(out: Path, key: str) -> dict[int, float]:
+    """A published run's logged `key` by step (from trainer_state.json's log history)."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h[key] for h in history if key in h}
 
 
 def _stopped_by(line: str, alarm: str, out: Path) -> None:
@@ -330,3 +355,91 @@ def test_ppo_reward_hacking_stops_with_one_line_and_keeps_the_last_good_checkpoi
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "held-out judge fell" in line, line
     _stopped_by(line, "reward_hacking", out)
+
+
+def test_length_runaway_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+    tiny_sft_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+):
+    out = tmp_path / "grpo"
+    recipe = write_recipe(
+        tmp_path / "grpo.yaml",
+        stage="grpo",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        reward_funcs=["tests.test_health:reward_longer_answers"],  # the longer the completion, the better
+        dataset_name="synthetic:prompts",
+        synthetic_num_examples=64,
+        learning_rate=3e-3,
+        max_steps=10,  # the alarm comes at step 3-5; the stop ends the run there
+        save_steps=1,
+        max_response_length_ratio=2.0,
+        health_actions={"length_runaway": "stop"},
+        output_dir=str(out),
+        # Room to grow: the SFT model's answers start at ~9-13 tokens, so 64 allows ~5× the start.
+        **{**ONLINE, "max_completion_length": 64, "save_strategy": "steps"},
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
+        run(grpo.main, [str(recipe)])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "max_response_length_ratio 2)" in line, line
+    _stopped_by(line, "length_runaway", out)
+    # The length grew during training: the logged length at the alarm is over twice the first logged one.
+    (event,) = json.loads((incomplete_dir(out) / "health_events.json").read_text())
+    now, ratio, first = re.search(
+        r"length ([\d.]+) is ([\d.]+)× the first logged \(([\d.]+);", event["message"]
+    ).groups()
+    assert float(ratio) > 2.0 and float(now) > 2 * float(first) and event["step"] > 1, event
+
+
+def test_length_collapse_warns_and_is_listed_in_metrics(tiny_sft_checkpoint: Path, tmp_path: Path, caplog):
+    out = tmp_path / "grpo"
+    recipe = write_recipe(
+        tmp_path / "grpo.yaml",
+        stage="grpo",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        reward_funcs=["tests.test_health:reward_shorter_answers"],  # the shorter, the better: EOS at once wins
+        dataset_name="synthetic:prompts",
+        synthetic_num_examples=64,
+        learning_rate=3e-3,
+        max_steps=10,  # the alarm comes at step 4-5; the length ends at 1-2 tokens (from ~10-12)
+        min_response_length_ratio=0.5,
+        output_dir=str(out),
+        **ONLINE,
+    )
+    with caplog.at_level(logging.WARNING):
+        grpo.main([str(recipe)])
+    assert any("health alarm length_collapse" in message for message in _alarms(caplog)), _alarms(caplog)
+    events = read_metrics(out)["health_events"]
+    assert [e["alarm"] for e in events] == ["length_collapse"] and events[0]["action"] == "warn", events
+    lengths = _logged(out, "completions/mean_length")
+    assert lengths[events[0]["step"]] < 0.5 * lengths[1], (lengths, events)
+
+
+def test_entropy_collapse_warns_after_the_entropy_falls(tiny_sft_checkpoint: Path, tmp_path: Path, caplog):
+    out = tmp_path / "grpo"
+    recipe = write_recipe(
+        tmp_path / "grpo.yaml",
+        stage="grpo",
+        model_name_or_path=str(tiny_sft_checkpoint),
+        # One fixed answer scores best (the empty one, EOS at once); fast enough that the policy turns
+        # deterministic: once every sample is that answer, the entropy is what sharpening left behind.
+        reward_funcs=["tests.test_health:reward_shorter_answers"],
+        dataset_name="synthetic:prompts",
+        synthetic_num_examples=64,
+        learning_rate=5e-3,
+        max_steps=16,  # the entropy first falls below min_entropy at step 6-10
+        min_entropy=0.15,  # the SFT model starts at ~0.5-0.8 nats per token
+        min_response_length_ratio=None,  # the length collapses too; this test watches the entropy alone
+        output_dir=str(out),
+        # Groups of 8: a rare non-empty sample still shows up, so the policy keeps sharpening after most
+        # samples are already empty (with groups of 4 it stalls sooner, as every group scores alike).
+        **{**ONLINE, "num_generations": 8, "per_device_train_batch_size": 32},
+    )
+    with caplog.at_level(logging.WARNING):
+        grpo.main([str(recipe)])
+    assert any("health alarm entropy_collapse" in message for message in _alarms(caplog)), _alarms(caplog)
+    events = read_metrics(out)["health_events"]
+    assert {e["alarm"] for e in events} == {"entropy_collapse"} and events[0]["action"] == "warn", events
+    # The entropy fell for real: healthy at the first log, below min_entropy only later in training.
+    entropy = _logged(out, "entropy")
+    step = events[0]["step"]
+    assert step > 1 and entropy[1] > 2 * 0.15 and entropy[step] < 0.15 < entropy[1], (entropy, events)
