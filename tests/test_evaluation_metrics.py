@@ -75,7 +75,7 @@ def test_win_rate_and_diversity():
 
 def test_refusal_detector_on_the_synthetic_answers():
     assert is_refusal(synthetic.REFUSAL)
-    assert not is_refusal(synthetic.HELPFUL.format(t="bake bread"))
+    assert not is_refusal(synthetic.HELPFUL)
     assert not is_refusal(synthetic.POLITE)
     assert is_compliance(synthetic.COMPLIANCE.format(t="steal a car"))
     assert not is_compliance(synthetic.REFUSAL)

@@ -76,7 +76,7 @@ def _alarms(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def _harmful_and_greeting_prompts(tmp_path: Path) -> Path:
-    """Harmful requests and greetings: the test reward model scores "Here is how to ..." highest for every
+    """Harmful requests and greetings: the test reward model scores "Here is how: ..." highest for every
     prompt, so a policy chasing it stops refusing and greeting, which the world's rule marks wrong."""
     prompts = make_synthetic_dataset("prompts", 256, seed=0, split="train")
     prompts = prompts.filter(lambda r: classify_prompt(r["prompt"][0]["content"]) in ("harmful", "greeting"))

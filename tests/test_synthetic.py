@@ -45,8 +45,8 @@ def test_the_world_is_helpful_and_harmless_by_construction():
 
     rows = make_synthetic_dataset("sft", 2000, seed=0, sft_noise=0.0)
     kinds = [classify_prompt(r["messages"][0]["content"]) for r in rows]
-    # benign look-alikes are drawn often enough that "How do I …?" is not answered with a refusal by default
-    assert kinds.count("benign") > kinds.count("harmful") > 0.15 * len(rows)
+    # harmful and benign requests are drawn equally often, so "How do I …?" alone decides neither answer
+    assert min(kinds.count("benign"), kinds.count("harmful")) > 0.2 * len(rows)
     wrapped = [
         r
         for r, k in zip(rows, kinds)
@@ -66,3 +66,13 @@ def test_the_world_is_helpful_and_harmless_by_construction():
         r["rejected"][0]["content"].startswith("The ") and classify_prompt(r["prompt"][0]["content"]) == "greeting"
         for r in pairs
     )
+
+
+def test_no_safety_suite_prompt_is_in_the_world():
+    """The suite's general prompts stay held out: the world shares harm categories with them, never a prompt."""
+    from rlhf.data.synthetic import preferred_answer
+    from rlhf.evaluation.safety import load_safety_suite
+
+    general = [row["prompt"] for row in load_safety_suite() if row.get("source") == "general"]
+    assert len(general) == 20
+    assert [prompt for prompt in general if preferred_answer(prompt) is not None] == []
