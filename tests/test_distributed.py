@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -150,19 +151,25 @@ def launch(report: Path, runs: list[tuple[str, Path, list[str]]], timeout: int =
 @pytest.fixture(scope="module")
 def two_process(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every stage run once, one after another, in the same 2 processes."""
-    tmp = tmp_path_factory.mktemp("two_process")
+    return launch_stages(tiny_checkpoint, tmp_path_factory.mktemp("two_process"))
+
+
+def launch_stages(base: Path, tmp: Path, stages: Collection[str] | None = None, **launch_options) -> dict:
+    """The `stage_recipes` (all, or those in `stages`) run once each, one after another, in one 2-process launch."""
     runs, outputs = [], {}
-    for stage, keys in stage_recipes(tiny_checkpoint, tmp).items():
+    for stage, keys in stage_recipes(base, tmp).items():
+        if stages is not None and stage not in stages:
+            continue
         outputs[stage] = tmp / stage
         recipe = write_recipe(
             tmp / f"{stage}.yaml",
             stage=stage,
-            model_name_or_path=str(tiny_checkpoint),
+            model_name_or_path=str(base),
             output_dir=str(outputs[stage]),
             **{**SMALL, **keys},
         )
         runs.append((stage, recipe, []))
-    return {"reports": launch(tmp / "report.json", runs), "outputs": outputs, "tmp": tmp}
+    return {"reports": launch(tmp / "report.json", runs, **launch_options), "outputs": outputs, "tmp": tmp}
 
 
 STAGES = ["pretrain", "sft", "reward", "dpo", "grpo", "rloo", "ppo", "distill"]

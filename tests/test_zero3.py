@@ -19,7 +19,7 @@ import yaml
 from rlhf.config import RecipeError
 from tests import test_fsdp
 from tests.conftest import write_recipe
-from tests.test_distributed import CONFIGS, REPO, SMALL, launch, stage_recipes
+from tests.test_distributed import CONFIGS, REPO, launch_stages
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (`pip install -e '.[dev]'` installs it)")
 
@@ -30,22 +30,7 @@ STAGES = test_fsdp.TRAINER_STAGES
 @pytest.fixture(scope="module")
 def zero3_run(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every Trainer stage run once, one after another, in the same 2 ZeRO-3 processes."""
-    tmp = tmp_path_factory.mktemp("zero3")
-    runs, outputs = [], {}
-    for stage, keys in stage_recipes(tiny_checkpoint, tmp).items():
-        if stage not in STAGES:
-            continue
-        outputs[stage] = tmp / stage
-        recipe = write_recipe(
-            tmp / f"{stage}.yaml",
-            stage=stage,
-            model_name_or_path=str(tiny_checkpoint),
-            output_dir=str(outputs[stage]),
-            **{**SMALL, **keys},
-        )
-        runs.append((stage, recipe, []))
-    reports = launch(tmp / "report.json", runs, timeout=900, config=CONFIG)
-    return {"reports": reports, "outputs": outputs, "tmp": tmp}
+    return launch_stages(tiny_checkpoint, tmp_path_factory.mktemp("zero3"), STAGES, timeout=900, config=CONFIG)
 
 
 @pytest.mark.multiprocess
