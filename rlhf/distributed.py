@@ -122,11 +122,15 @@ def shard_over_gloo_when_launched_with_fsdp() -> None:
     AcceleratorState.__init__ = init_then_shard_over_gloo  # type: ignore[method-assign]
 
 
-def shutdown_distributed() -> None:
-    """Destroy the process group a launcher started (no-op in one process); without it a rank may SIGABRT at exit."""
+def shutdown_distributed() -> bool:
+    """Destroy the process group a launcher started (no-op in one process); without it a rank may SIGABRT at exit.
+
+    Returns whether there was one."""
     torch_distributed = sys.modules.get("torch.distributed")  # never import torch just to find nothing to do
     if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
         torch_distributed.destroy_process_group()
+        return True
+    return False
 
 
 def shard_frozen_model(accelerator: Any, model: Any) -> Any:

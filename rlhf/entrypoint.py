@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
+import os
 import sys
 from collections.abc import Callable
 
@@ -16,7 +18,13 @@ FAILURE_HOOKS: list[Callable[[], None]] = []
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Call a command's main; a user mistake, Ctrl-C or a full disk prints one line instead of a traceback."""
+    """Call a command's main; a user mistake, Ctrl-C or a full disk prints one line instead of a traceback.
+
+    A rank of a multi-process launch that succeeded leaves through `os._exit(0)` once its process group is
+    destroyed and the atexit handlers (trackers' final uploads, log flushing) have run: gloo's worker threads
+    can still be torn down during interpreter finalization and abort the process ("terminate called without
+    an active exception", SIGABRT) after a finished run, which the launcher reports as a failure.
+    """
     try:
         try:
             main(argv)
@@ -37,4 +45,9 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
         print(f"error: the disk is full{where}; free some space, then {RESUME_HINT}.", file=sys.stderr)
         sys.exit(1)
     finally:
-        shutdown_distributed()  # under accelerate launch / torchrun; a no-op in one process
+        distributed = shutdown_distributed()  # under accelerate launch / torchrun; a no-op in one process
+    if distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank a launcher started
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(0)

@@ -121,12 +121,13 @@ def main() -> None:
                 module.main(argv)
             finally:
                 restore()
+        # Written here: a rank of a multi-process run that succeeds leaves run() through os._exit.
+        if all(report.get("is_main") for report in reports.values()):
+            report_path.write_text(json.dumps(reports, indent=2, default=str))
 
     from rlhf.entrypoint import run
 
     run(run_all)
-    if all(report.get("is_main") for report in reports.values()):
-        report_path.write_text(json.dumps(reports, indent=2, default=str))
 
 
 if __name__ == "__main__":
