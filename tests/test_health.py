@@ -90,6 +90,16 @@ def _logged(out: Path, key: str) -> dict[int, float]:
     return {h["step"]: h[key] for h in history if key in h}
 
 
+def _error_line_of_stopped_run(
+    main, recipe: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> str:
+    """Run a stage the way its command does; it must end with SystemExit and exactly one `error:` line."""
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
+        run(main, [str(recipe)])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    return line
+
+
 def _stopped_by(line: str, alarm: str, out: Path) -> None:
     """The run ended with one line naming the alarm and the last checkpoint from before it; nothing published."""
     assert f"health alarm {alarm} at step" in line, line
@@ -212,9 +222,7 @@ def test_reward_hacking_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         dataset_name=str(prompts),
         **{**ONLINE, "save_strategy": "steps"},
     )
-    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
-        run(grpo.main, [str(recipe)])
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    line = _error_line_of_stopped_run(grpo.main, recipe, capsys, caplog)
     assert "held-out judge fell" in line, line
     _stopped_by(line, "reward_hacking", out)
 
@@ -350,9 +358,7 @@ def test_ppo_reward_hacking_stops_with_one_line_and_keeps_the_last_good_checkpoi
         output_dir=str(out),
         **{**PPO_ONLINE, "per_device_train_batch_size": 16, "save_strategy": "steps"},
     )
-    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
-        run(ppo.main, [str(recipe)])
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    line = _error_line_of_stopped_run(ppo.main, recipe, capsys, caplog)
     assert "held-out judge fell" in line, line
     _stopped_by(line, "reward_hacking", out)
 
@@ -377,9 +383,7 @@ def test_length_runaway_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         # Room to grow: the SFT model's answers start at ~9-13 tokens, so 64 allows ~5× the start.
         **{**ONLINE, "max_completion_length": 64, "save_strategy": "steps"},
     )
-    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
-        run(grpo.main, [str(recipe)])
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    line = _error_line_of_stopped_run(grpo.main, recipe, capsys, caplog)
     assert "max_response_length_ratio 2)" in line, line
     _stopped_by(line, "length_runaway", out)
     # The length grew during training: the logged length at the alarm is over twice the first logged one.
