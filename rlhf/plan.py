@@ -116,14 +116,18 @@ def _read_deepspeed_json(config_path: Path, json_path: str) -> dict[str, Any]:
             f"--config: {config_path} names the DeepSpeed JSON {json_path!r} (deepspeed_config_file), which does not "
             "exist; run from the folder it is relative to, or fix the path."
         )
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig  # what accelerate itself reads it with
+
     try:
-        zero = json.loads(found.read_text()).get("zero_optimization") or {}
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise RecipeError(f"--config: {found} (deepspeed_config_file) is not a JSON object ({error}).") from None
+        deepspeed = HfDeepSpeedConfig(str(found))
+    except (ValueError, AttributeError) as error:
+        raise RecipeError(
+            f"--config: {found} (deepspeed_config_file) is not a DeepSpeed JSON config ({error})."
+        ) from None
     return {
-        "zero_stage": zero.get("stage", 2),
-        "offload_optimizer_device": str((zero.get("offload_optimizer") or {}).get("device", "none")),
-        "offload_param_device": str((zero.get("offload_param") or {}).get("device", "none")),
+        "zero_stage": deepspeed.get_value("zero_optimization.stage", 2),
+        "offload_optimizer_device": str(deepspeed.get_value("zero_optimization.offload_optimizer.device", "none")),
+        "offload_param_device": str(deepspeed.get_value("zero_optimization.offload_param.device", "none")),
     }
 
 

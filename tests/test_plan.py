@@ -108,6 +108,10 @@ def test_a_deepspeed_json_named_by_the_config_is_read(recipes, tmp_path, monkeyp
     missing = _config(tmp_path, "zero3.yaml", deepspeed_config={"deepspeed_config_file": "nowhere.json"})
     with pytest.raises(RecipeError, match="nowhere.json.*does not exist"):
         read_accelerate_config(str(missing))
+    (tmp_path / "broken.json").write_text('{"zero_optimization": ')
+    broken = _config(tmp_path, "zero3.yaml", deepspeed_config={"deepspeed_config_file": str(tmp_path / "broken.json")})
+    with pytest.raises(RecipeError, match="broken.json .*is not a DeepSpeed JSON config"):
+        read_accelerate_config(str(broken))
 
 
 def test_lora_predicts_less_than_full_fine_tuning(recipes):
