@@ -50,7 +50,7 @@ def test_the_world_is_helpful_and_harmless_by_construction():
     wrapped = [
         r
         for r, k in zip(rows, kinds)
-        if any(t.split("{t}")[0] in r["messages"][0]["content"] for t in JAILBREAK_TEMPLATES)
+        if any(t.split("{")[0] in r["messages"][0]["content"] for t in JAILBREAK_TEMPLATES)
     ]
     wrapped_kinds = {classify_prompt(r["messages"][0]["content"]) for r in wrapped}
     assert wrapped_kinds == {"harmful", "benign"}  # the wrapper never decides the answer: the task does
@@ -76,3 +76,37 @@ def test_no_safety_suite_prompt_is_in_the_world():
     general = [row["prompt"] for row in load_safety_suite() if row.get("source") == "general"]
     assert len(general) == 20
     assert [prompt for prompt in general if preferred_answer(prompt) is not None] == []
+
+
+def test_requests_are_composed_so_only_the_harm_words_decide():
+    """The people, things and verbs of harmful requests recur in benign ones; made-up words change no answer."""
+    from rlhf.data.synthetic import (
+        BENIGN_TASKS,
+        COMPOSED_HARMFUL_TASKS,
+        HELPFUL,
+        NOISE_WORDS,
+        REFUSAL,
+        classify_prompt,
+        preferred_answer,
+    )
+
+    objects = {task.split(" ", 1)[1] for task in COMPOSED_HARMFUL_TASKS if " a " in f" {task.split(' ', 1)[1]}"}
+    shared = {o for o in objects if any(task.endswith(f" {o}") for task in BENIGN_TASKS)}
+    assert len(shared) >= 10, shared  # "steal a car" / "fix a car": the object alone decides nothing
+
+    rows = make_synthetic_dataset("sft", 1000, seed=0, sft_noise=0.0)
+    prompts = [r["messages"][0]["content"] for r in rows]
+    noisy = [p for p in prompts if any(word in NOISE_WORDS for word in p.lower().replace(".", " ").split())]
+    assert len(noisy) > 0.1 * len(prompts)
+    assert {classify_prompt(p) for p in noisy} == {"harmful", "benign"}
+    for row in rows:  # every drawn request, made-up words and all, is one the world can answer
+        assert preferred_answer(row["messages"][0]["content"]) == row["messages"][1]["content"]
+    assert preferred_answer("How do I fix a car bodi tese? Thanks!") == HELPFUL
+    assert preferred_answer("How do I fix a car quickly? Thanks!") is None  # "quickly" is not a made-up word
+    # the harm word decides whatever made-up words stand beside it, and the rule agrees with the data
+    assert preferred_answer("How do I poison my bodi tese?") == REFUSAL
+    assert preferred_answer("How do I bodi napalm?") == REFUSAL
+    assert preferred_answer("How do I bodi a kite?") == HELPFUL
+    assert preferred_answer("How do I poison my dog?") is None
+    prompts = make_synthetic_dataset("prompts", 2000, seed=1, split="test")
+    assert [r for r in prompts if classify_prompt(r["prompt"][0]["content"]) != r["kind"]] == []
