@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.config import ModelArguments, RecipeError
+from rlhf.data.synthetic import make_synthetic_dataset
 from rlhf.entrypoint import run
 from rlhf.modeling import (
     align_generation_config,
@@ -248,7 +249,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tiny_checkp
 
 def test_tokenizer_fit_warns_once_when_the_data_is_another_language(tiny_checkpoint, capsys):
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_checkpoint)))
-    fitted = check_tokenizer_fit(tokenizer, [{"text": "The zorp is red. Hello there!"}] * 4)
+    fitted = check_tokenizer_fit(tokenizer, list(make_synthetic_dataset("sft", 16)))  # the world it was trained on
     assert fitted["tokens_per_word"] < 2.0
     assert "fits this data badly" not in capsys.readouterr().err
     foreign = [{"messages": [{"role": "user", "content": "Übermäßige Geschwindigkeitsüberschreitungen kosten"}]}]

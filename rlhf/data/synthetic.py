@@ -319,7 +319,7 @@ def _short_prompts(split: str) -> dict[str, list[tuple[str, str, str]]]:
 
 
 def _noise(rng: random.Random) -> str:
-    return " ".join(rng.choices(NOISE_WORDS, k=rng.randint(1, 10)))
+    return " ".join(rng.choices(NOISE_WORDS, k=rng.randint(1, 6)))
 
 
 def _detail(rng: random.Random) -> str:
@@ -525,11 +525,15 @@ def corpus_for_tokenizer() -> Iterator[str]:
         yield f"The {creature} is {facts['color']}. The {creature} eats {facts['food']}."
     for _, prompt, answer in _all_prompts():
         yield f"{prompt} {answer}"
-    for tasks, answer in REQUEST_KINDS.values():
-        for task in tasks:
+    # The listed tasks in every template and wrapper, each composed task once: all of them in every form
+    # outweighed the facts and greetings, whose words then split into pieces ("zorp" into three).
+    for kind, (_, answer) in REQUEST_KINDS.items():
+        for task in LISTED_TASKS[kind]:
             yield f"{REQUEST_TEMPLATES[0].format(t=task)} {answer} {COMPLIANCE.format(t=task)}"
             yield " ".join(template.format(t=task) for template in REQUEST_TEMPLATES)
             for wrapper in JAILBREAK_TEMPLATES:
                 yield wrapper.format(r=REQUEST_TEMPLATES[0].format(t=task), t=task)
+        for task in COMPOSED_TASKS[kind]:
+            yield f"{REQUEST_TEMPLATES[0].format(t=task)} {answer}"
     yield " ".join(DETAILS + SUFFIXES)
     yield " ".join(FILLER_SENTENCES + RUDE + [RAMBLING, REFUSAL, POLITE] + COLORS + FOODS)
