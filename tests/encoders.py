@@ -28,6 +28,9 @@ from tests.conftest import FAST_TRAINING, write_recipe
 SPECIAL_TOKENS = ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"]
 HIDDEN_SIZE = 32
 MAX_POSITIONS = 128
+# The reward stage's max_length and max_eval_samples below; TRL drops pairs longer than max_length.
+REWARD_MAX_LENGTH = 96
+MAX_EVAL_SAMPLES = 64
 
 
 def word_piece(vocab_size: int = 600) -> Tokenizer:
@@ -123,8 +126,8 @@ def train_encoder_reward(base: Path, root: Path, **keys) -> Path:
     out = root / "reward"
     settings = {
         "clean_deduplicate": False,
-        "max_eval_samples": 64,
-        "max_length": 96,
+        "max_eval_samples": MAX_EVAL_SAMPLES,
+        "max_length": REWARD_MAX_LENGTH,
         "num_train_epochs": 2,
         "learning_rate": 3e-3,
         "reward_stats_samples": 64,

@@ -406,7 +406,7 @@ def family_reward(family: Family, family_sft: Path, family_data: dict[str, Path]
     return run_stage(
         "reward", family_sft.parent, "reward", model_name_or_path=str(family_sft),
         dataset_name=str(family_data["preference_train"]), eval_dataset_name=str(family_data["preference_test"]),
-        max_length=160, reward_stats_samples=16, **FAST,
+        max_length=POSITIONS, reward_stats_samples=16, **FAST,  # every pair fits: TRL drops longer ones
     )  # fmt: skip
 
 

@@ -58,6 +58,12 @@ def polite_reward(prompts: list, completions: list, **kwargs) -> list[float]:
     return _polite(completions)
 
 
+def alternating_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """1 for every other completion: every group has a spread, so the first step has a gradient whatever
+    the model says."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
 def _finite(folder: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
 
@@ -223,7 +229,7 @@ def test_rloo_gradient_norm_alarm_stops_at_the_first_step(tiny_sft_checkpoint: P
             rloo,
             tmp_path,
             tiny_sft_checkpoint,
-            reward_funcs=["tests.test_bad_numbers:polite_reward"],
+            reward_funcs=["tests.test_bad_numbers:alternating_reward"],
             max_grad_norm_alarm=1e-6,
             max_steps=1,
         )

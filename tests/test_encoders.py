@@ -22,11 +22,12 @@ from rlhf.ppo.rollout import RewardSources
 from rlhf.rewards import RewardSourceArguments, is_encoder
 from rlhf.stages import grpo, reward
 from tests.conftest import write_recipe
-from tests.encoders import train_encoder_reward
+from tests.encoders import MAX_EVAL_SAMPLES, REWARD_MAX_LENGTH, train_encoder_reward
 from tests.test_grpo import ONLINE
 from tests.test_ppo import run_ppo
 
 pytest_plugins = ["tests.encoders"]
+SIDES = ("chosen", "rejected")
 
 PROMPT = [{"role": "user", "content": "Hello there!"}]
 RESPONSE = "Hello! How can I help you"
@@ -81,14 +82,19 @@ def test_reward_stage_trains_an_encoder_on_its_pair_encoding(
 
     # The recorded held-out accuracy is reproduced by the native pair encoding of the saved model.
     metrics = read_metrics(out)
-    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()][: metrics["eval_pairs"]]
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
 
-    def score(row: dict, side: str) -> float:
-        encoded = tokenizer(row["prompt"][0]["content"], row[side][-1]["content"], return_tensors="pt")
-        with torch.no_grad():
-            return model(**encoded).logits[0, 0].item()
+    def encode(row: dict, side: str) -> dict[str, torch.Tensor]:
+        return tokenizer(row["prompt"][0]["content"], row[side][-1]["content"], return_tensors="pt")
 
+    def score(row: dict, side: str) -> float:
+        with torch.no_grad():
+            return model(**encode(row, side)).logits[0, 0].item()
+
+    # The first max_eval_samples held-out pairs, less those TRL drops for exceeding max_length.
+    given = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()][:MAX_EVAL_SAMPLES]
+    rows = [r for r in given if all(encode(r, s)["input_ids"].shape[1] <= REWARD_MAX_LENGTH for s in SIDES)]
+    assert len(rows) == metrics["eval_pairs"] > 0
     accuracy = sum(score(r, "chosen") > score(r, "rejected") for r in rows) / len(rows)
     assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-6)
 

@@ -337,7 +337,8 @@ def build_stopper(source: Path, out: Path, stop_id: int) -> tuple[list[int], lis
 
     with torch.no_grad():
         logits = model(prompt).logits[0, -1]
-        ordinary = max((i for i in range(len(logits)) if i not in specials), key=lambda i: logits[i].item())
+        visible = (i for i in range(len(logits)) if i not in specials and tokenizer.decode([i]).strip())
+        ordinary = max(visible, key=lambda i: logits[i].item())  # a word, not whitespace the answer strips
         swap(int(logits.argmax()), ordinary)  # the first answer token is an ordinary one
         after = model(torch.cat([prompt, torch.tensor([[ordinary]])], 1)).logits[0, -1]
         if int(after.argmax()) != stop_id:
