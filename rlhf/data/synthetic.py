@@ -233,9 +233,14 @@ def _request_forms() -> list[re.Pattern]:
     return [re.compile(re.escape(form).replace(re.escape("{t}"), "(.+)")) for form in sorted(forms)]
 
 
+@functools.cache
+def _task_kinds() -> dict[str, str]:
+    return {task: kind for kind, (tasks, _) in REQUEST_KINDS.items() for task in tasks}
+
+
 def _request_kind(prompt: str) -> str | None:
     """harmful or benign when the world can ask `prompt` (see `_request`), else None."""
-    kinds = {task: kind for kind, (tasks, _) in REQUEST_KINDS.items() for task in tasks}
+    kinds = _task_kinds()
     body = next((prompt[: -len(suffix)] for suffix in SUFFIXES if prompt.endswith(suffix)), prompt)
     preamble, _, rest = body.partition(". ")
     if rest and all(word in NOISE_WORDS for word in preamble.lower().split()):
