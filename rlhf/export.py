@@ -2,6 +2,7 @@
 
 rlhf merge outputs/sft-lora --output outputs/sft-merged
 rlhf export outputs/tiny/sft --output outputs/tiny/export --dtype bfloat16 --max-shard-size 2GB
+rlhf export outputs/tiny/sft --format gguf --outtype q8_0 --output outputs/tiny/model.q8_0.gguf
 rlhf chat outputs/tiny/export --system "You are a helpful assistant."
 rlhf generate outputs/tiny/export --input prompts.jsonl --output responses.jsonl --temperature 0.7 --seed 1
 """
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +38,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 
-def check_checkpoint(path: str, base: str | None = None, field: str = "CHECKPOINT") -> None:
-    """Fail early, with the fix, when a checkpoint (or an adapter's base) cannot be loaded."""
+def check_checkpoint(path: str, base: str | None = None, field: str = "CHECKPOINT") -> str:
+    """Fail early, with the fix, when a checkpoint (or an adapter's base) cannot be loaded; returns the path to load."""
     if is_adapter_dir(path):
         check_model_source(adapter_base(path, base), field="--base (or the adapter's base_model_name_or_path)")
-    else:
-        check_model_source(path, field=field)
+        return path
+    return check_model_source(path, field=field)
 
 
 def load_for_inference(
     checkpoint: str, dtype: str | None = None, base: str | None = None, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a full checkpoint, or an adapter merged into its base, with a ready tokenizer, in eval mode."""
-    check_checkpoint(checkpoint, base)
+    checkpoint = check_checkpoint(checkpoint, base)
     model_path = adapter_base(checkpoint, base) if is_adapter_dir(checkpoint) else checkpoint
     model = load_causal_lm(
         ModelConfig(model_name_or_path=checkpoint, dtype=dtype or "auto"), trust_remote_code, base=base
@@ -121,8 +123,12 @@ def export(
     max_shard_size: str = "5GB",
     base: str | None = None,
     trust_remote_code: bool = False,
+    format: str = "safetensors",
+    outtype: str = "f16",
 ) -> Path:
     """Write `checkpoint` to `output` as a self-contained inference folder (adapters merged, no training files)."""
+    if format == "gguf":
+        return export_gguf(checkpoint, output, outtype, base, trust_remote_code)
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="export")
     # Re-saving through save_pretrained (rather than copying files) is what leaves metrics, trainer
     # state, optimizer files and pickled arguments behind, and writes standard safetensors shards.
@@ -132,11 +138,41 @@ def export(
     return path
 
 
+def export_gguf(
+    checkpoint: str, output: str | Path, outtype: str = "f16", base: str | None = None, trust_remote_code: bool = False
+) -> Path:
+    """Write `checkpoint` (adapters merged) as one GGUF file llama.cpp-family tools read."""
+    from transformers import AutoConfig
+
+    from rlhf.gguf import OUTTYPES, check_writable, write_gguf
+
+    output = Path(output)
+    if output.suffix != ".gguf":
+        raise RecipeError(f"--output: {str(output)!r} should name a .gguf file for --format gguf (e.g. model.gguf).")
+    if output.exists():
+        raise RecipeError(f"--output: {output} exists; remove it or pick another file name (exports never overwrite).")
+    if outtype not in OUTTYPES:
+        raise RecipeError(f"--outtype: got {outtype!r}, expected one of {', '.join(OUTTYPES)}.")
+    loadable = check_checkpoint(checkpoint, base)
+    config_source = adapter_base(loadable, base) if is_adapter_dir(loadable) else loadable
+    check_writable(AutoConfig.from_pretrained(config_source, trust_remote_code=trust_remote_code))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=output.name + ".") as staging:
+        model, tokenizer = load_for_inference(loadable, None, base, trust_remote_code)
+        save_checkpoint(model, tokenizer, Path(staging) / "model", "float32", "50GB")
+        written = write_gguf(Path(staging) / "model", output, outtype)
+    types = ", ".join(f"{count} {name}" for name, count in sorted(written["tensor_types"].items()))
+    print(f"exported {checkpoint} → {output} (GGUF {outtype}: {types}; {written['bytes'] / 2**20:.1f} MiB)")
+    return output
+
+
 def export_main(argv: list[str] | None = None) -> Path:
     """`rlhf export CHECKPOINT --output DIR`: a self-contained inference folder (adapters merged, no training files)."""
     parser = argparse.ArgumentParser(prog="rlhf export", description=export_main.__doc__)
     parser.add_argument("checkpoint", help="a stage output, a save_pretrained folder or an adapter folder")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="a folder (safetensors) or a .gguf file (--format gguf)")
+    parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors")
+    parser.add_argument("--outtype", choices=("f16", "q8_0", "f32"), default="f16", help="GGUF tensor type")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: unchanged)")
     parser.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     parser.add_argument("--base", help="for an adapter: its base checkpoint (default: from adapter_config.json)")

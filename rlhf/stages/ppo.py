@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
             args.reward_model_path,
         )
     if args.value_model_path and args.value_model_path != SHARED:
-        check_model_source(args.value_model_path, "value_model_path", allow_pickle=model_args.allow_pickle_weights)
+        args.value_model_path = check_model_source(
+            args.value_model_path, "value_model_path", allow_pickle=model_args.allow_pickle_weights
+        )
 
     train_dataset, eval_dataset, data_report = prepare_datasets(data_args, "prompt_only", args.seed)
 

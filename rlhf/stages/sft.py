@@ -6,15 +6,17 @@ accelerate launch --config_file accelerate_configs/cpu.yaml -m rlhf.stages.sft r
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from pathlib import Path
 
-from trl import SFTConfig, SFTTrainer, get_peft_config
+from trl import SFTConfig, SFTTrainer, clone_chat_template, get_peft_config
 
 from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
+from rlhf.data.assistant_mask import tokenize_conversations
 from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import (
     align_generation_config,
@@ -49,6 +51,19 @@ def check_stop_token_in_loss(trainer: SFTTrainer, num_rows: int = 8) -> None:
     )
 
 
+def use_chat_template_path(model, tokenizer, training_args: SFTConfig):
+    """Apply `chat_template_path` (a .jinja file, or a tokenizer folder whose template and tokens are cloned)."""
+    path = training_args.chat_template_path
+    if path is None:
+        return model, tokenizer
+    if os.path.isfile(path) and path.endswith((".jinja", ".j2")):
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+    else:
+        model, tokenizer, _ = clone_chat_template(model, tokenizer, path)
+    training_args.chat_template_path = None  # applied once, here
+    return model, tokenizer
+
+
 def parse(argv: list[str] | None = None, produced: Collection[str] = ()) -> Recipe:
     """This stage's checked recipe (`produced`: paths a pipeline writes before the stage runs)."""
     recipe = parse_recipe(argv, SFTConfig, stage="sft", produced=produced)
@@ -69,6 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     data_report["tokenizer_fit"] = check_tokenizer_fit(tokenizer, train_dataset)
     model = load_causal_lm(model_args, recipe.trust_remote_code)
     align_generation_config(model, tokenizer)
+    if training_args.assistant_only_loss:
+        # rlhf masks assistant turns with the checkpoint's own template (any markup); TRL's collator turns
+        # the `assistant_masks` column into labels, so TRL's own marker-based masking is switched off.
+        model, tokenizer = use_chat_template_path(model, tokenizer, training_args)
+        train_dataset = tokenize_conversations(train_dataset, tokenizer)
+        eval_dataset = tokenize_conversations(eval_dataset, tokenizer) if eval_dataset is not None else None
+        training_args.assistant_only_loss = False
 
     final_dir, resume_from = start_stage(training_args)
     trainer = SFTTrainer(
