@@ -77,7 +77,7 @@ def plot_helpful_harmless(results: dict[str, dict[str, Any]], path: Path) -> Pat
 
 
 def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, path: Path) -> Path | None:
-    """Grouped bars: data[model][group] → value."""
+    """Grouped bars: `data[model][group]` → value."""
     groups = sorted({g for values in data.values() for g in values})
     if not groups:
         return None
