@@ -15,24 +15,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig
 
-from rlhf.artifacts import atomic_output_dir, check_output_dir
 from rlhf.config import RecipeError
-from rlhf.modeling import (
-    ADAPTER_CONFIG,
-    adapter_base,
-    align_generation_config,
-    check_model_source,
-    eos_token_ids,
-    is_adapter_dir,
-    load_causal_lm,
-    load_tokenizer,
-)
+
+if TYPE_CHECKING:  # torch, transformers and the loaders load inside the commands, not for --help
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_TIME_KEYS = ("is_local", "local_files_only")
@@ -40,6 +31,8 @@ LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 def check_checkpoint(path: str, base: str | None = None, field: str = "CHECKPOINT") -> str:
     """Fail early, with the fix, when a checkpoint (or an adapter's base) cannot be loaded; returns the path to load."""
+    from rlhf.modeling import adapter_base, check_model_source, is_adapter_dir
+
     if is_adapter_dir(path):
         check_model_source(adapter_base(path, base), field="--base (or the adapter's base_model_name_or_path)")
         return path
@@ -50,6 +43,8 @@ def load_for_inference(
     checkpoint: str, dtype: str | None = None, base: str | None = None, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a full checkpoint, or an adapter merged into its base, with a ready tokenizer, in eval mode."""
+    from rlhf.modeling import adapter_base, align_generation_config, is_adapter_dir, load_causal_lm, load_tokenizer
+
     checkpoint = check_checkpoint(checkpoint, base)
     model_path = adapter_base(checkpoint, base) if is_adapter_dir(checkpoint) else checkpoint
     model = load_causal_lm(
@@ -71,6 +66,10 @@ def save_checkpoint(
     max_shard_size: str | int = "5GB",
 ) -> Path:
     """Atomically write model (safetensors, sharded above `max_shard_size`), tokenizer, chat template, generation config."""
+    import torch
+
+    from rlhf.artifacts import atomic_output_dir
+
     if dtype:
         model = model.to(getattr(torch, dtype))
     with atomic_output_dir(output_dir) as tmp:
@@ -96,6 +95,8 @@ def merge(
     trust_remote_code: bool = False,
 ) -> Path:
     """Fold a LoRA/DoRA adapter into its base model and save the result to `output`."""
+    from rlhf.modeling import ADAPTER_CONFIG, is_adapter_dir
+
     if not is_adapter_dir(adapter_dir):
         raise RecipeError(
             f"ADAPTER_DIR: {adapter_dir!r} has no {ADAPTER_CONFIG}; point it at a PEFT stage output "
@@ -127,6 +128,8 @@ def export(
     outtype: str = "f16",
 ) -> Path:
     """Write `checkpoint` to `output` as a self-contained inference folder (adapters merged, no training files)."""
+    from rlhf.artifacts import check_output_dir
+
     if format == "gguf":
         return export_gguf(checkpoint, output, outtype, base, trust_remote_code)
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="export")
@@ -145,6 +148,7 @@ def export_gguf(
     from transformers import AutoConfig
 
     from rlhf.gguf import OUTTYPES, check_writable, write_gguf
+    from rlhf.modeling import adapter_base, is_adapter_dir
 
     output = Path(output)
     if output.suffix != ".gguf":
@@ -196,8 +200,6 @@ def _chat_prompt_ids(
 
 def chat_main(argv: list[str] | None = None) -> None:
     """`rlhf chat CHECKPOINT`: chat on stdin/stdout, streaming tokens; /reset clears history, /exit or EOF quits."""
-    from transformers import TextStreamer
-
     parser = argparse.ArgumentParser(prog="rlhf chat", description=chat_main.__doc__)
     parser.add_argument("checkpoint")
     parser.add_argument("--system", help="system prompt placed before every conversation")
@@ -208,6 +210,11 @@ def chat_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", help="for an adapter: its base checkpoint")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
+    import torch
+    from transformers import TextStreamer
+
+    from rlhf.modeling import eos_token_ids
+
     model, tokenizer = load_for_inference(args.checkpoint, None, args.base, args.trust_remote_code)
     torch.manual_seed(args.seed)
     interactive = sys.stdin.isatty()
@@ -298,10 +305,6 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
 
 def generate_main(argv: list[str] | None = None) -> Path:
     """`rlhf generate CHECKPOINT --input prompts.jsonl --output out.jsonl`: batched, seeded generation."""
-    from tqdm.auto import tqdm
-
-    from rlhf.evaluation.generation import generate_responses
-
     parser = argparse.ArgumentParser(prog="rlhf generate", description=generate_main.__doc__)
     parser.add_argument("checkpoint")
     parser.add_argument("--input", required=True, help="jsonl rows with `prompt` (text or messages) or `messages`")
@@ -315,6 +318,10 @@ def generate_main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--base", help="for an adapter: its base checkpoint")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from rlhf.evaluation.generation import generate_responses
+
     rows = read_prompts(args.input)
     if args.num_return_sequences > 1 and args.temperature <= 0:
         raise RecipeError("--num-return-sequences > 1 with greedy decoding repeats one answer; set --temperature > 0.")
