@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from trl import ModelConfig
 
-from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
 from rlhf.config import RecipeError
-from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
+
+if TYPE_CHECKING:  # torch and the model loaders load when a map is drawn, not for --help
+    import torch
 
 
 def _indices(spec: str | None, count: int, name: str) -> list[int]:
@@ -34,11 +34,13 @@ def _indices(spec: str | None, count: int, name: str) -> list[int]:
     return sorted({v % count for v in values})
 
 
-@torch.no_grad()
 def attention_maps(model: Any, tokenizer: Any, text: str) -> tuple[list[str], torch.Tensor]:
     """(token strings, attentions [layers, heads, seq, seq]) of `model` on `text`."""
+    import torch
+
     encoded = tokenizer(text, return_tensors="pt").to(model.device)
-    output = model(**encoded, output_attentions=True)
+    with torch.no_grad():
+        output = model(**encoded, output_attentions=True)
     if not output.attentions or output.attentions[0] is None:
         raise RecipeError("this model returned no attention weights; it needs attn_implementation='eager' support.")
     attentions = torch.stack([a[0].float().cpu() for a in output.attentions])
@@ -48,6 +50,8 @@ def attention_maps(model: Any, tokenizer: Any, text: str) -> tuple[list[str], to
 
 def top_attended(attentions: torch.Tensor, tokens: list[str], k: int = 5) -> list[dict[str, Any]]:
     """The k tokens receiving the most attention from one head's [seq, seq] map (mean over the queries that see them)."""
+    import torch
+
     seq = attentions.shape[-1]
     # Under a causal mask key j is visible to queries j…seq-1 only; divide by that count, not by seq.
     visible = torch.arange(seq, 0, -1, dtype=attentions.dtype)
@@ -92,6 +96,9 @@ def attention(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write layer_<i>.png grids and top_tokens.json for `text` under `output`."""
+    from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
+    from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
+
     if not text.strip():
         raise RecipeError('--text: empty; pass the text to look at, e.g. --text "What color is the zorp?".')
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="attention")

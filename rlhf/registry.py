@@ -5,13 +5,23 @@ Entries name their modules as strings and import them on use, so `rlhf --help` s
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
+import io
+import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from rlhf.config import Recipe, RecipeError, read_recipe_file
+from rlhf.gguf import cache_root
+
+# What `rlhf train RECIPE --help` lists comes from these packages' config classes and from rlhf's own.
+HELP_SOURCES = ("transformers", "trl", "peft", "accelerate")
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,29 @@ class Stage:
         """The stage's checked recipe, exactly as its main() reads it; nothing loads."""
         return self.module.parse(argv, produced)
 
+    def recipe_help(self) -> str:
+        """Every key of this stage's recipes, as `python -m rlhf.stages.<name> --help` prints them.
+
+        Building the list imports the stage's config classes (torch, transformers and TRL: seconds), so
+        `rlhf train RECIPE --help` keeps it in the cache ($RLHF_CACHE, else ~/.cache/rlhf), under the
+        installed versions of those packages and a digest of rlhf's source.
+        """
+        cached = _recipe_help_file(self.name)
+        if cached.is_file():
+            return cached.read_text()
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+            self.parse(["--help"])  # rlhf.recipe.parse_recipe prints the keys and exits before reading a recipe
+        text = printed.getvalue()
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next --help its seconds
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            for stale in cached.parent.glob(f"{self.name}-*.txt"):
+                stale.unlink()
+            scratch = cached.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(text)
+            os.replace(scratch, cached)
+        return text
+
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
@@ -51,6 +84,16 @@ STAGES: dict[str, Stage] = {
         Stage("online_dpo", "prompt_only", frozen_copies=2, reference_is_policy_under_lora=True),
     )
 }
+
+
+def _recipe_help_file(stage: str) -> Path:
+    digest = hashlib.sha256()
+    for package in HELP_SOURCES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            digest.update(f"{package}=={metadata.version(package)};".encode())
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    return cache_root() / "recipe_keys" / f"{stage}-{digest.hexdigest()[:16]}.txt"
 
 
 def stage_of(recipe_path: str) -> Stage:

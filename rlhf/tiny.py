@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from rlhf.artifacts import atomic_output_dir, check_output_dir
-from rlhf.data.synthetic import corpus_for_tokenizer
-from rlhf.modeling import align_generation_config
+if TYPE_CHECKING:  # torch, tokenizers and transformers load when a checkpoint is built, not for --help
+    from transformers import PreTrainedTokenizerFast
 
 # The tiny world's template: ChatML with the assistant turn (and its closing token, the EOS) wrapped
 # in generation markers, so SFT's assistant_only_loss trains the model to emit the stop token.
@@ -34,6 +30,11 @@ EXTRA_SPECIAL_TOKENS = ["<|im_start|>"]
 
 def train_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the embedded world's corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.data.synthetic import corpus_for_tokenizer
+
     special = [*SPECIAL_TOKENS.values(), *EXTRA_SPECIAL_TOKENS]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -65,6 +66,12 @@ def build_tiny_checkpoint(
     A Llama config keeps our tokenizer as is (a Qwen2 config would make AutoTokenizer swap in
     Qwen2Tokenizer and change token ids).
     """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.artifacts import atomic_output_dir, check_output_dir
+    from rlhf.modeling import align_generation_config
+
     check_output_dir(output, "OUTPUT_DIR", writer="tiny-checkpoint")
     torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer(vocab_size)

@@ -2,20 +2,18 @@
 
 This module holds what every compression command measures and writes into `compress_report.json`:
 size on disk, parameter count, sparsity, held-out rule score, perplexity and CPU latency.
+torch, transformers and the data load inside the functions, so `rlhf quantize --help` is instant.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
-from rlhf.evaluation.generation import generate_responses
-from rlhf.evaluation.perplexity import perplexity
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 REPORT_FILE = "compress_report.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -37,6 +35,8 @@ def linear_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     The token embedding (tied to the LM head in small models) is left out: pruning or quantizing
     it hurts every token, and a tied pair cannot be changed on one side only.
     """
+    import torch
+
     output = model.get_output_embeddings()
     return [
         (name, module)
@@ -65,6 +65,8 @@ def sparsity(model: torch.nn.Module) -> dict[str, float]:
 
 def held_out_prompts(num_rows: int = 1000, seed: int = 0) -> list[list[dict[str, str]]]:
     """Every distinct held-out prompt of the embedded world (never seen in training), in a fixed order."""
+    from rlhf.data.synthetic import make_synthetic_dataset
+
     unique: dict[str, list[dict[str, str]]] = {}
     for row in make_synthetic_dataset("prompts", num_rows, seed=seed, split="test"):
         unique.setdefault(row["prompt"][-1]["content"], row["prompt"])
@@ -73,6 +75,9 @@ def held_out_prompts(num_rows: int = 1000, seed: int = 0) -> list[list[dict[str,
 
 def held_out_rule_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 32) -> float:
     """Mean rule score of greedy answers to the held-out prompts (the embedded task's quality metric)."""
+    from rlhf.data.synthetic import rule_reward
+    from rlhf.evaluation.generation import generate_responses
+
     prompts = held_out_prompts()
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     scores = rule_reward(prompts, responses)
@@ -81,15 +86,19 @@ def held_out_rule_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 
 def pretrain_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_texts: int = 200) -> float:
     """Perplexity on held-out `synthetic:pretrain` texts (facts about the world's creatures)."""
+    from rlhf.data.synthetic import make_synthetic_dataset
+    from rlhf.evaluation.perplexity import perplexity
+
     texts = make_synthetic_dataset("pretrain", num_texts, seed=1, split="test")["text"]
     return perplexity(model, tokenizer, texts)["perplexity"]
 
 
-@torch.no_grad()
 def latency_ms_per_token(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, new_tokens: int = 16, repeats: int = 2
 ) -> float:
     """CPU wall-clock milliseconds per generated token, batch 1, greedy, after one warm-up run."""
+    import torch
+
     model.eval()
     prompt = tokenizer.apply_chat_template(held_out_prompts()[0], tokenize=False, add_generation_prompt=True)
     encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
@@ -99,10 +108,11 @@ def latency_ms_per_token(
         "do_sample": False,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    model.generate(**encoded, **kwargs)
-    start = time.perf_counter()
-    for _ in range(repeats):
+    with torch.no_grad():
         model.generate(**encoded, **kwargs)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model.generate(**encoded, **kwargs)
     return (time.perf_counter() - start) * 1000 / (repeats * new_tokens)
 
 

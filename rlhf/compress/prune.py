@@ -24,21 +24,18 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from torch.nn.utils import prune as torch_prune
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from trl import ModelConfig, SFTConfig, SFTTrainer
+from trl import ModelConfig
 
-from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
 from rlhf.compress import REPORT_FILE, linear_weights, quality_report, weights_size_bytes
 from rlhf.compress import sparsity as sparsity_of
 from rlhf.config import RecipeError
-from rlhf.data import prepare_datasets
-from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
-from rlhf.recipe import parse_recipe
+
+if TYPE_CHECKING:  # torch, transformers, TRL and the loaders load when a model is pruned, not for --help
+    import torch
+    from transformers import PreTrainedModel
 
 METHODS = ("magnitude", "structured")
 # Model types whose blocks are `mlp.{gate,up,down}_proj` and `self_attn.{q,k,v,o}_proj` with one
@@ -66,6 +63,8 @@ def check_request(
     for name, value in (("--mlp-keep", mlp_keep), ("--heads-keep", heads_keep)):
         if value is not None and not 0 < value <= 1:
             raise RecipeError(f"{name}: got {value}, expected the fraction to keep, in (0, 1].")
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     if config.model_type not in STRUCTURED_MODEL_TYPES:
         raise RecipeError(
@@ -81,6 +80,8 @@ def check_request(
 
 def magnitude_prune(model: PreTrainedModel, amount: float) -> list[tuple[torch.nn.Module, str]]:
     """Attach masks zeroing the `amount` smallest-magnitude block linear weights (one global threshold)."""
+    from torch.nn.utils import prune as torch_prune
+
     parameters = [(module, "weight") for _, module in linear_weights(model)]
     torch_prune.global_unstructured(parameters, pruning_method=torch_prune.L1Unstructured, amount=amount)
     return parameters
@@ -88,11 +89,15 @@ def magnitude_prune(model: PreTrainedModel, amount: float) -> list[tuple[torch.n
 
 def make_permanent(parameters: list[tuple[torch.nn.Module, str]]) -> None:
     """Fold masks into the weights so the model saves as an ordinary checkpoint."""
+    from torch.nn.utils import prune as torch_prune
+
     for module, name in parameters:
         torch_prune.remove(module, name)
 
 
 def _sliced_linear(layer: torch.nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.nn.Linear:
+    import torch
+
     weight = layer.weight.data
     weight = weight[rows] if rows is not None else weight
     weight = weight[:, cols] if cols is not None else weight
@@ -125,6 +130,8 @@ def prune_mlp_neurons(model: PreTrainedModel, keep: float) -> int:
 
 def prune_attention_heads(model: PreTrainedModel, keep: float) -> int:
     """Keep the `keep` fraction of attention heads with the largest value/output weight norms, in every layer."""
+    import torch
+
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -171,6 +178,11 @@ def recover(model: PreTrainedModel, tokenizer: Any, argv: list[str], source: str
     Masks attached by `magnitude_prune` stay on during training: the forward pass multiplies by
     them, so pruned weights get zero gradient and stay zero.
     """
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.data import prepare_datasets
+    from rlhf.recipe import parse_recipe
+
     with tempfile.TemporaryDirectory() as scratch:
         recipe = parse_recipe([*argv, "--model_name_or_path", source, "--output_dir", scratch], SFTConfig, stage="sft")
         train_dataset, _, _ = prepare_datasets(recipe.data, "sft", recipe.training.seed)
@@ -191,6 +203,14 @@ def prune(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Prune `checkpoint` into `output` (written atomically), optionally fine-tune to recover; return the report."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
+    from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
+    from rlhf.recipe import parse_recipe
+
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="prune")
     checkpoint = check_model_source(checkpoint, "CHECKPOINT")
     check_request(checkpoint, method, sparsity, mlp_keep, heads_keep, trust_remote_code)

@@ -21,26 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 from trl import ModelConfig
 
-from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
 from rlhf.compress import REPORT_FILE, quality_report, weights_size_bytes
 from rlhf.config import RecipeError
-from rlhf.modeling import (
-    DTYPES,
-    QUANTIZATION_FILE,
-    check_model_source,
-    check_quantization,
-    load_causal_lm,
-    load_quantized,
-    load_tokenizer,
-)
+
+if TYPE_CHECKING:  # torch, transformers and the loaders load when a model is quantized, not for --help
+    from transformers import PreTrainedModel
 
 # The reloaded model must reproduce the in-memory quantized model's logits; a broken format is far off.
 RELOAD_TOLERANCE = 1e-3
@@ -58,6 +47,10 @@ def check_quantizable(checkpoint: str, backend: str, trust_remote_code: bool = F
     """Refuse, before the weights load, a checkpoint whose layers `backend` cannot quantize (e.g. GPT-2's Conv1D)."""
     if backend == "bitsandbytes":
         return  # transformers' bitsandbytes integration converts Conv1D as well as nn.Linear
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
     config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     # Built on the meta device: the module tree without allocating or reading any weights.
     with torch.device("meta"):
@@ -80,6 +73,8 @@ def quantized_modules(model: PreTrainedModel, backend: str) -> list[str]:
         from optimum.quanto.nn import QModuleMixin
 
         return [name for name, module in model.named_modules() if isinstance(module, QModuleMixin)]
+    import torch
+
     names = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -100,6 +95,9 @@ def _save_with_module_names(model: PreTrainedModel, folder: Path) -> None:
     without that mapping; the head would be left uninitialised. A saved module prefix is renamed
     only where its weight equals the in-memory module's exactly.
     """
+    import torch
+    from safetensors.torch import load_file, save_file
+
     for file in sorted(folder.glob("*.safetensors")):
         saved = load_file(file)
         memory = {k: v for k, v in model.state_dict().items() if k not in saved}
@@ -125,6 +123,11 @@ def quantize_and_save(
     checkpoint: str, output_dir: Path, method: str, backend: str, dtype: str, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Quantize `checkpoint`, save it (weights + quantization.json) into `output_dir`; return the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.modeling import QUANTIZATION_FILE
+
     torch_dtype = getattr(torch, dtype)
     if backend == "quanto":
         from optimum.quanto import QuantizedModelForCausalLM, qint4, qint8
@@ -156,13 +159,17 @@ def quantize_and_save(
     return quantized
 
 
-@torch.no_grad()
 def verify_reload(model: PreTrainedModel, path: Path, tolerance: float = RELOAD_TOLERANCE) -> float:
     """Reload `path` and compare its logits with `model`'s; raise when they differ (a broken format)."""
+    import torch
+
+    from rlhf.modeling import load_quantized
+
     probe = torch.arange(2, min(model.config.vocab_size, 34)).unsqueeze(0)
-    expected = model.eval()(probe).logits.float()
-    reloaded = load_quantized(path)
-    difference = float((reloaded(probe).logits.float() - expected).abs().max())
+    with torch.no_grad():
+        expected = model.eval()(probe).logits.float()
+        reloaded = load_quantized(path)
+        difference = float((reloaded(probe).logits.float() - expected).abs().max())
     if difference > tolerance:
         raise RecipeError(
             f"the quantized checkpoint does not reload correctly (logits differ by {difference:.3g} after "
@@ -181,6 +188,9 @@ def quantize(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Quantize `checkpoint` into `output` (written atomically) and return the size/quality report."""
+    from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
+    from rlhf.modeling import check_model_source, check_quantization, load_causal_lm, load_quantized, load_tokenizer
+
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="quantize")
     checkpoint = check_model_source(checkpoint, "CHECKPOINT")
     check_quantization(method, backend, dtype=dtype)
@@ -219,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("checkpoint")
     parser.add_argument("--method", required=True, help="int8 or int4 weight-only")
     parser.add_argument("--backend", default="quanto", help="quanto (default), torchao, bitsandbytes (int8)")
-    parser.add_argument("--dtype", default="float32", help="dtype of the unquantized tensors: " + ", ".join(DTYPES))
+    parser.add_argument(  # the choices are rlhf.modeling.DTYPES, checked there (not imported for --help)
+        "--dtype", default="float32", help="dtype of the unquantized tensors: bfloat16, float16, float32"
+    )
     parser.add_argument("--output", required=True, help="output checkpoint directory")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality measurements")
     parser.add_argument("--trust-remote-code", action="store_true")

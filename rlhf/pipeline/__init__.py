@@ -3,7 +3,7 @@
 A pipeline file lists stages in order. A training stage names a recipe; a command stage names an
 `rlhf` command (tiny-checkpoint, eval, quantize, prune, export, merge, attention, publish). Each
 stage writes `<output_dir>/<name>/`; `inputs:` wires a recipe key (or a command argument) to an
-earlier stage's output by name, so no path is ever copied by hand:
+earlier stage's output by name (or a file in it: `samples/sft.jsonl`), so no path is ever copied by hand:
 
     output_dir: outputs/tiny
     stages:
@@ -20,12 +20,19 @@ its last checkpoint. Modules: spec (the file, wiring, fingerprints) → prefligh
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
-
-from rlhf.pipeline.run import run_pipeline
-from rlhf.pipeline.spec import Pipeline, StageSpec, load_pipeline
+from typing import Any
 
 __all__ = ["Pipeline", "StageSpec", "load_pipeline", "main", "run_pipeline"]
+# Imported on first use (the run imports torch and the stages' data), so `rlhf pipeline --help` is instant.
+_FROM = {"Pipeline": "spec", "StageSpec": "spec", "load_pipeline": "spec", "run_pipeline": "run"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM:
+        return getattr(importlib.import_module(f"rlhf.pipeline.{_FROM[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="ignore the cache and rerun every selected stage")
     parser.add_argument("--output-dir", help="write the stages here instead of the pipeline file's output_dir")
     args = parser.parse_args(argv)
+    from rlhf.pipeline.run import run_pipeline
+    from rlhf.pipeline.spec import load_pipeline
+
     pipeline = load_pipeline(args.pipeline)
     if args.output_dir:
         pipeline.output_dir = Path(args.output_dir)
