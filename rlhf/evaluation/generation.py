@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from rlhf.evaluation.progress import batches
 from rlhf.modeling import eos_token_ids
 
 
@@ -60,7 +61,7 @@ def generate_tokens(
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pairs: list[tuple[list[int], list[int]]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in batches(len(prompts), batch_size):
             texts = _prompt_strings(tokenizer, prompts[start : start + batch_size])
             encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             output = model.generate(

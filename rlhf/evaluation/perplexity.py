@@ -7,6 +7,8 @@ import math
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.evaluation.progress import batches
+
 
 @torch.no_grad()
 def perplexity(
@@ -21,7 +23,7 @@ def perplexity(
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
     total_nll, total_tokens = 0.0, 0
     try:
-        for start in range(0, len(texts), batch_size):
+        for start in batches(len(texts), batch_size):
             encoded = tokenizer(
                 texts[start : start + batch_size],
                 return_tensors="pt",

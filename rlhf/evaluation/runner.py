@@ -3,6 +3,9 @@
 Scores one or more checkpoints on the sections an eval recipe lists and writes `eval.json`, a
 Markdown (optionally HTML) report and PNG plots to the output directory. Several checkpoints
 (e.g. base, SFT and PPO) land side by side in one report.
+
+Models, datasets and the sections load inside the functions that use them, so `rlhf eval --help`
+answers without importing torch.
 """
 
 from __future__ import annotations
@@ -13,9 +16,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
 from rlhf.config import (
     RecipeError,
     field_types,
@@ -24,13 +26,9 @@ from rlhf.config import (
     parse_overrides,
     read_recipe_file,
 )
-from rlhf.data.load import check_source
-from rlhf.evaluation.context import EvalConfig, Judge, Models, SectionContext
-from rlhf.evaluation.report import write_report
-from rlhf.evaluation.robustness import PERTURBATIONS
-from rlhf.evaluation.safety import load_safety_suite
-from rlhf.evaluation.sections import READ_PROMPTS, SECTIONS, enabled_sections
-from rlhf.modeling import check_model_source
+
+if TYPE_CHECKING:
+    from rlhf.evaluation.context import EvalConfig, Judge, Models
 
 
 def _check_choices(name: str, values: list[str], allowed: Sequence[str]) -> None:
@@ -43,6 +41,10 @@ def _check_choices(name: str, values: list[str], allowed: Sequence[str]) -> None
 
 def eval_config(recipe: str | None = None, output: str | Path | None = None, **overrides: Any) -> EvalConfig:
     """A validated EvalConfig: the recipe file's keys (else the defaults), then `overrides`, then `output`."""
+    from rlhf.evaluation.context import EvalConfig
+    from rlhf.evaluation.robustness import PERTURBATIONS
+    from rlhf.evaluation.sections import SECTIONS
+
     values = {**(read_recipe_file(recipe) if recipe else {}), **overrides}
     config = parse_dataclass(EvalConfig, values, recipe or "eval defaults")
     if output:
@@ -67,6 +69,11 @@ def check_evaluation(
 
 def check_inputs(checkpoints: list[str], config: EvalConfig) -> list[str]:
     """Every path the evaluation needs must exist before any model loads; returns the checkpoints to load."""
+    from rlhf.data.load import check_source
+    from rlhf.evaluation.safety import load_safety_suite
+    from rlhf.evaluation.sections import READ_PROMPTS
+    from rlhf.modeling import check_model_source
+
     checkpoints = [check_model_source(checkpoint, "CHECKPOINT") for checkpoint in checkpoints]
     for name in ("reward_model_path", "reference_model_path"):
         if getattr(config, name):
@@ -84,25 +91,48 @@ def check_inputs(checkpoints: list[str], config: EvalConfig) -> list[str]:
         load_reward_function(config.rule_reward, "rule_reward")
     if not config.rule_reward and not config.reward_model_path and sections & {"win_rate", "robustness"}:
         raise RecipeError("rule_reward: win_rate and robustness need a judge; set rule_reward or reward_model_path.")
+    return checkpoints
 
 
 def evaluate_checkpoint(
-    checkpoint: str, config: EvalConfig, models: Models, judge: Judge, plots_dir: Path, published_plots_dir: Path
+    checkpoint: str,
+    config: EvalConfig,
+    models: Models,
+    judge: Judge,
+    plots_dir: Path,
+    published_plots_dir: Path,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Run every enabled section on one checkpoint; return its result dict (as stored in eval.json)."""
+    """Run every enabled section on one checkpoint; return its result dict (as stored in eval.json).
+
+    Progress goes to stderr: a bar over the sections (named `label`, default the folder name) and one
+    over each section's batches.
+    """
+    from rlhf.evaluation import progress
+    from rlhf.evaluation.context import SectionContext
+    from rlhf.evaluation.sections import SECTIONS, enabled_sections
+
     start = time.perf_counter()
-    model, tokenizer = models.causal_lm(checkpoint)
-    ctx = SectionContext(checkpoint, config, model, tokenizer, models, judge, plots_dir, published_plots_dir)
+    label = label or Path(checkpoint.rstrip("/")).name or checkpoint
+    sections = enabled_sections(config.sections)
     result: dict[str, Any] = {"checkpoint": checkpoint, "metrics": {}, "skipped": {}, "timing": {}}
-    for name in enabled_sections(config.sections):
-        section_start = time.perf_counter()
-        entries = SECTIONS[name](ctx)
-        if "skipped" in entries:
-            result["skipped"][name] = entries["skipped"]
-            continue
-        result["metrics"].update(entries.pop("metrics", {}))
-        result.update(entries)
-        result["timing"][name] = time.perf_counter() - section_start
+    with progress.checkpoint_bar(label, sections) as bar:
+        bar.set_postfix_str("loading")
+        model, tokenizer = models.causal_lm(checkpoint)
+        ctx = SectionContext(checkpoint, config, model, tokenizer, models, judge, plots_dir, published_plots_dir)
+        for name in sections:
+            bar.set_postfix_str(name)
+            section_start = time.perf_counter()
+            with progress.section(f"{label} · {name}"):
+                entries = SECTIONS[name](ctx)
+            bar.update()
+            if "skipped" in entries:
+                result["skipped"][name] = entries["skipped"]
+                continue
+            result["metrics"].update(entries.pop("metrics", {}))
+            result.update(entries)
+            result["timing"][name] = time.perf_counter() - section_start
+        bar.set_postfix_str("done")
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -118,13 +148,17 @@ def _names(checkpoints: list[str]) -> list[str]:
 
 def run_evaluation(checkpoints: list[str], config: EvalConfig, output_dir: Path) -> dict[str, Any]:
     """Evaluate checkpoints; write eval.json, the report and plots to `output_dir`; return what eval.json holds."""
+    from rlhf.artifacts import atomic_output_dir, write_json
+    from rlhf.evaluation.context import Judge, Models
+    from rlhf.evaluation.report import write_report
+
     names = _names(checkpoints)
     checkpoints = check_inputs(checkpoints, config)
     models = Models(config.trust_remote_code)
     judge = Judge(config, models)
     with atomic_output_dir(output_dir) as tmp:
         results = {
-            name: evaluate_checkpoint(checkpoint, config, models, judge, tmp / "plots", output_dir / "plots")
+            name: evaluate_checkpoint(checkpoint, config, models, judge, tmp / "plots", output_dir / "plots", name)
             for name, checkpoint in zip(names, checkpoints)
         }
         evaluation = {"config": asdict(config), "results": results}
@@ -140,6 +174,8 @@ def evaluate(
 
     Output goes to `output`, else the recipe's `output_dir`, else `CHECKPOINT/eval`; returns that directory.
     """
+    from rlhf.artifacts import check_output_dir
+
     start = time.perf_counter()
     checkpoints = [str(c) for c in checkpoints]
     config = eval_config(recipe, output, **overrides)
@@ -149,7 +185,11 @@ def evaluate(
     for name, result in evaluation["results"].items():
         summary = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if isinstance(v, int | float))
         print(f"{name}: {summary}")
-    print(f"wrote {output_dir}/eval.json and report.md in {time.perf_counter() - start:.1f} s")
+    models, sections = len(checkpoints), len(evaluation["config"]["sections"])
+    print(
+        f"evaluated {models} checkpoint{'s' * (models != 1)} on {sections} section{'s' * (sections != 1)} "
+        f"in {time.perf_counter() - start:.1f} s; wrote {output_dir}/eval.json and report.md"
+    )
     return output_dir
 
 
@@ -160,6 +200,8 @@ def parse_eval_args(argv: list[str] | None) -> tuple[list[str], dict[str, Any]]:
     parser.add_argument("--recipe", help="eval recipe YAML (default: every section with built-in defaults)")
     parser.add_argument("--output", help="output directory (default: the recipe's output_dir, else CHECKPOINT/eval)")
     args, rest = parser.parse_known_args(argv)
+    from rlhf.evaluation.context import EvalConfig
+
     return args.checkpoints, {
         "output": args.output,
         "recipe": args.recipe,
