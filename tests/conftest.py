@@ -15,6 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def library_noise_hidden() -> None:
+    """The warnings `rlhf` hides from users (rlhf.quiet) stay hidden in tests: pytest resets the warning
+    filters around every test. RLHF_VERBOSE=1 shows them here too."""
+    from rlhf.quiet import install
+
+    install()
+
+
 def write_recipe(path: Path, **keys) -> Path:
     """Write a recipe YAML with the given keys and return its path."""
     path.write_text(yaml.safe_dump(keys, sort_keys=False))

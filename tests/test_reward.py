@@ -85,7 +85,14 @@ def test_scoring_tokenises_as_reward_trainer_did(tiny_checkpoint: Path, tmp_path
         ]
     else:
         rows = [{"prompt": p, "chosen": " " + c, "rejected": " No."} for p, c in examples]
-    args = RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=None)
+    args = RewardConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,  # TRL defaults the deprecated gradient_checkpointing to True
+        max_length=None,
+    )
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     for row, trained_ids in zip(rows, trainer.train_dataset["chosen_ids"]):
         text = row["chosen"][-1]["content"] if conversational else row["chosen"]
