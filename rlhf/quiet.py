@@ -15,15 +15,18 @@ import warnings
 
 VERBOSE_ENV = "RLHF_VERBOSE"
 
-# Log records dropped unless verbose: the logger that emits them and a fragment of their message.
+# Log records dropped unless verbose: the logger that emits them and regular expressions searched in the message.
 LOG_NOISE: dict[str, tuple[str, ...]] = {
     # torchao's wheel ships CUDA kernels (_C_mxfp8, _C_cutlass_90a) that a CPU-only torch cannot load; its
     # CPU code runs without them.
-    "torchao": ("Failed to load ",),
+    "torchao": (r"^Failed to load \S*_C\w*\.\S*\.so: ",),
     # torchao registers its Enum classes with torch's pytree, which torch 2.13 deprecates (torchao/utils.py).
-    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "torch.utils._pytree": (r"is an Enum subclass and is now natively supported",),
     # DeepSpeed's import (transformers and accelerate import it when it is installed) says it found no GPU.
-    "DeepSpeed": ("Setting accelerator to CPU",),
+    "DeepSpeed": (r"^Setting accelerator to CPU",),
+    # PPO's checkpoints (Accelerator.save_state) store a tied LM head once: the tie is in the model, and
+    # loading the embedding restores the head. Any other shared tensor is still reported.
+    "accelerate.utils.other": (r"Removed shared tensor \{'[\w.]*lm_head\.weight'\} while saving",),
 }
 # Warnings ignored unless verbose: (category, regular expression matched at the start of the message).
 WARNING_NOISE: tuple[tuple[type[Warning], str], ...] = (
@@ -39,17 +42,17 @@ def is_verbose() -> bool:
 
 
 class _DropNoise(logging.Filter):
-    """Drops a logger's records whose message contains one of `fragments`, unless verbose."""
+    """Drops a logger's records whose message matches one of `patterns`, unless verbose."""
 
-    def __init__(self, fragments: tuple[str, ...]) -> None:
+    def __init__(self, patterns: tuple[str, ...]) -> None:
         super().__init__()
-        self.fragments = fragments
+        self.patterns = [re.compile(p) for p in patterns]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if is_verbose():
             return True
         message = record.getMessage()
-        return not any(fragment in message for fragment in self.fragments)
+        return not any(pattern.search(message) for pattern in self.patterns)
 
 
 def _is_ours(entry: tuple) -> bool:
@@ -62,10 +65,10 @@ def _is_ours(entry: tuple) -> bool:
 def install() -> None:
     """Hide the listed noise (idempotent). Log filters check verbosity per record; warnings filters are added
     only when not verbose (`show_everything` removes them)."""
-    for name, fragments in LOG_NOISE.items():
+    for name, patterns in LOG_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise(fragments))
+            logger.addFilter(_DropNoise(patterns))
     if not is_verbose() and not any(_is_ours(entry) for entry in warnings.filters):
         for category, pattern in WARNING_NOISE:
             warnings.filterwarnings("ignore", message=pattern, category=category)

@@ -118,12 +118,13 @@ def latency_ms_per_token(
 
 def quality_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, latency: bool = True) -> dict[str, Any]:
     """Rule score, perplexity, parameter count, sparsity and (optionally) latency of a loaded model."""
-    report: dict[str, Any] = {
-        "rule_score": held_out_rule_score(model, tokenizer),
-        "perplexity": pretrain_perplexity(model, tokenizer),
-        "parameters": parameter_count(model),
-        **sparsity(model),
-    }
+    from rlhf.evaluation import progress
+
+    with progress.section("quality · held-out rule score"):  # batch bars on stderr: minutes on a real model
+        rule_score = held_out_rule_score(model, tokenizer)
+    with progress.section("quality · perplexity"):
+        report: dict[str, Any] = {"rule_score": rule_score, "perplexity": pretrain_perplexity(model, tokenizer)}
+    report.update(parameters=parameter_count(model), **sparsity(model))
     if latency:
         report["latency_ms_per_token"] = latency_ms_per_token(model, tokenizer)
     return report
