@@ -19,7 +19,7 @@ VERBOSE_ENV = "RLHF_VERBOSE"
 LOG_NOISE: dict[str, tuple[str, ...]] = {
     # torchao's wheel ships CUDA kernels (_C_mxfp8, _C_cutlass_90a) that a CPU-only torch cannot load; its
     # CPU code runs without them.
-    "torchao": (r"^Failed to load \S*_C\w*\.\S*\.so: ",),
+    "torchao": (r"^Failed to load \S*_C\w*\S*\.so: ",),
     # torchao registers its Enum classes with torch's pytree, which torch 2.13 deprecates (torchao/utils.py).
     "torch.utils._pytree": (r"is an Enum subclass and is now natively supported",),
     # DeepSpeed's import (transformers and accelerate import it when it is installed) says it found no GPU.
