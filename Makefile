@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint docs clean
+.PHONY: setup demo demo-real test lint docs clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/rlhf pipeline recipes/tiny/pipeline.yaml
+
+# The same pipeline on a real pretrained model (SmolLM2-135M-Instruct, offline) and a verifiable task
+# (IFEval's constraints): see docs/real-model.md. About half an hour on a quiet 2-core CPU.
+demo-real: setup
+	$(BIN)/rlhf pipeline recipes/smollm2-135m/ifeval/pipeline.yaml
 
 # The docs build is strict: a broken link, a page missing from mkdocs.yml's nav or a recipe key the code no
 # longer has fails the test command (docs/hooks.py). It builds outside the checkout and prints its log only

@@ -75,10 +75,11 @@ def check_gguf(path: Path, field: str) -> dict[str, Any]:
             f"{field}: {path} is not a readable GGUF file ({type(error).__name__}: {error}); it may be truncated "
             "or not GGUF: download it again."
         ) from None
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+    architectures = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping sections
+    if architecture not in architectures:
         raise RecipeError(
             f"{field}: {path.name} holds a {architecture!r} model, which transformers' GGUF reader does not load "
-            f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); use the original checkpoint instead."
+            f"(it reads {', '.join(architectures)}); use the original checkpoint instead."
         )
     readable = {"F32", "F16"} | {qtype.name for qtype in _type_traits}
     unreadable = sorted(qtype.name for qtype in types if qtype.name not in readable)

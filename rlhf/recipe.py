@@ -199,7 +199,7 @@ def check_recipe(recipe: Recipe, produced: Collection[str] = ()) -> None:
                 continue  # a value head on the policy itself: nothing to find
             if isinstance(value, str) and value and str(Path(value)) not in pending:
                 setattr(config, name, check_model_source(value, name, allow_pickle=recipe.model.allow_pickle_weights))
-    check_data_sources(recipe.data)
+    check_data_sources(recipe.data, pending)
     check_output_dir(
         recipe.training.output_dir,
         writer=recipe.stage,

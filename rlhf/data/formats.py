@@ -21,6 +21,8 @@ from trl import maybe_convert_to_chatml, maybe_extract_prompt, unpair_preference
 
 from rlhf.config import RecipeError
 
+# Columns holding answers or whole conversations: a prompt-only dataset drops them.
+ANSWER_COLUMNS = ("messages", "conversations", "chosen", "rejected", "completion", "text", "response", "label")
 FORMATS = ("language_modeling", "sft", "preference", "prompt_only", "unpaired")
 HH_TURN = re.compile(r"\n\nHuman:|\n\nAssistant:")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -132,7 +134,8 @@ def convert(dataset: Dataset, target: str, field: str = "dataset_name") -> Datas
         return dataset
     if target == "prompt_only":
         if "prompt" in columns:
-            extra = [c for c in ("kind",) if c in columns]
+            # Other columns stay: TRL hands them to reward functions (a `kind`, IFEval's instruction ids...).
+            extra = [c for c in columns if c not in ANSWER_COLUMNS and c != "prompt"]
             return dataset.select_columns(["prompt", *extra])
         if "messages" in columns:
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,18 @@ def check_source(path: str, field: str) -> None:
             )
 
 
-def check_data_sources(data_args: DataArguments) -> None:
-    """Check that every source the recipe names exists."""
+def check_data_sources(data_args: DataArguments, pending: Collection[str] = ()) -> None:
+    """Check that every source the recipe names exists (or lies in `pending`: outputs a pipeline writes first)."""
+    pending_dirs = {Path(p) for p in pending}
+
+    def is_pending(path: str) -> bool:
+        return Path(path) in pending_dirs or any(parent in pending_dirs for parent in Path(path).parents)
+
     for i, entry in enumerate(sources(data_args)):
         field = f"dataset_mixture[{i}].path" if data_args.dataset_mixture else "dataset_name"
-        check_source(entry["path"], field)
-    if data_args.eval_dataset_name:
+        if not is_pending(entry["path"]):
+            check_source(entry["path"], field)
+    if data_args.eval_dataset_name and not is_pending(data_args.eval_dataset_name):
         check_source(data_args.eval_dataset_name, "eval_dataset_name")
 
 

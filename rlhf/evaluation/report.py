@@ -14,6 +14,8 @@ from rlhf.plots import plot_histograms, plt, save_figure
 # Headline metrics, in table order: (key, label, higher is better?)
 HEADLINE = [
     ("rule_reward", "rule reward (mean)", True),
+    ("ifeval_prompt_strict", "IFEval prompt-level strict", True),
+    ("ifeval_instruction_strict", "IFEval instruction-level strict", True),
     ("reward_model_score", "reward-model score (mean)", True),
     ("win_rate", "win-rate vs reference", True),
     ("kl", "KL to reference (nats/seq)", None),
@@ -29,7 +31,16 @@ HEADLINE = [
     ("pairwise_accuracy", "reward model pairwise accuracy", True),
     ("perplexity", "perplexity", False),
 ]
-RATE_KEYS = ["rule_reward", "win_rate", "exact_match", "refusal_rate", "harmful_compliance_rate", "false_refusal_rate"]
+RATE_KEYS = [
+    "rule_reward",
+    "ifeval_prompt_strict",
+    "ifeval_instruction_strict",
+    "win_rate",
+    "exact_match",
+    "refusal_rate",
+    "harmful_compliance_rate",
+    "false_refusal_rate",
+]
 
 # ------------------------------------------------------------------------------------------------ plots
 

@@ -20,6 +20,7 @@ from rlhf.artifacts import RECIPE_FILE
 from rlhf.config import DataArguments, RecipeError
 from rlhf.data import prepare_datasets
 from rlhf.data.formats import convert
+from rlhf.data.ifeval import ifeval_accuracy
 from rlhf.data.synthetic import preferred_answer
 from rlhf.evaluation.context import SectionContext, load_rows, mean
 from rlhf.evaluation.generation import (
@@ -220,6 +221,20 @@ def perplexity_section(ctx: SectionContext) -> dict[str, Any]:
     }
 
 
+def ifeval_section(ctx: SectionContext) -> dict[str, Any]:
+    """IFEval's strict prompt- and instruction-level accuracy of the answers, by its own checkers."""
+    if "instruction_id_list" not in ctx.rows[0]:
+        return {"skipped": "the prompts carry no `instruction_id_list`/`kwargs` (IFEval-style rows)"}
+    accuracy = ifeval_accuracy(ctx.rows, ctx.generated.responses)
+    return {
+        "metrics": {
+            "ifeval_prompt_strict": accuracy["prompt_level_strict"],
+            "ifeval_instruction_strict": accuracy["instruction_level_strict"],
+        },
+        "ifeval": accuracy,
+    }
+
+
 def training_curves_section(ctx: SectionContext) -> dict[str, Any]:
     """Plots of the checkpoint's trainer_state.json log history, listed where they will be published."""
     written = plot_training_curves(ctx.checkpoint, ctx.plots_dir)
@@ -229,6 +244,7 @@ def training_curves_section(ctx: SectionContext) -> dict[str, Any]:
 SECTIONS: dict[str, Section] = {
     "generation": generation_section,
     "win_rate": win_rate_section,
+    "ifeval": ifeval_section,
     "kl": kl_section,
     "reward_model": reward_model_section,
     "safety": safety_section,
@@ -238,7 +254,7 @@ SECTIONS: dict[str, Section] = {
 }
 # Sections that score the generation pass (ctx.generated); whenever one runs, the generation section's
 # results are recorded too: they cost nothing more.
-SCORE_GENERATION = ("generation", "win_rate", "robustness")
+SCORE_GENERATION = ("generation", "win_rate", "ifeval", "robustness")
 # Sections that read the held-out prompts.
 READ_PROMPTS = (*SCORE_GENERATION, "kl")
 

@@ -12,6 +12,7 @@ import yaml
 
 from rlhf.config import Recipe, RecipeError
 from rlhf.data import prepare_datasets
+from rlhf.data.assistant_mask import tokenize_conversation
 from rlhf.modeling import load_tokenizer
 from rlhf.pipeline.spec import Pipeline, PlannedStage, check_command_call, without_secrets
 from rlhf.plan import machine_memory, plan_values, read_accelerate_config
@@ -60,6 +61,15 @@ def estimate_memory(pipeline: Pipeline, planned: PlannedStage) -> dict[str, Any]
     }
 
 
+def produced_data(recipe: Recipe, produced: set[str]) -> str | None:
+    """The first data source of a recipe that an earlier pipeline stage writes, if any."""
+    outputs = {Path(p) for p in produced}
+    for source in (recipe.data.dataset_name, recipe.data.eval_dataset_name):
+        if source and (Path(source) in outputs or any(parent in outputs for parent in Path(source).parents)):
+            return source
+    return None
+
+
 def preflight(
     pipeline: Pipeline, planned: list[PlannedStage], echo: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], dict[str, Recipe]]:
@@ -72,10 +82,15 @@ def preflight(
             continue
         recipe = entry.stage.parse([str(write_stage_recipe(pipeline, entry))], pipeline.produced)
         recipes[entry.name] = recipe
-        train, eval_, _ = prepare_datasets(recipe.data, entry.stage.data_format, recipe.training.seed)
         memory = estimate_memory(pipeline, entry)
-        report["stages"][entry.name] = {"train_rows": len(train), "eval_rows": len(eval_ or []), "memory": memory}
-        line = f"  ✓ {entry.name:<12} {entry.stage.name:<9} {len(train):>6} train rows"
+        upstream_data = produced_data(recipe, pipeline.produced)
+        if upstream_data:  # written by an earlier stage: its rows are counted and checked when this stage starts
+            report["stages"][entry.name] = {"train_rows": None, "eval_rows": None, "memory": memory}
+            line = f"  ✓ {entry.name:<12} {entry.stage.name:<9} data from {upstream_data}"
+        else:
+            train, eval_, _ = prepare_datasets(recipe.data, entry.stage.data_format, recipe.training.seed)
+            report["stages"][entry.name] = {"train_rows": len(train), "eval_rows": len(eval_ or []), "memory": memory}
+            line = f"  ✓ {entry.name:<12} {entry.stage.name:<9} {len(train):>6} train rows"
         if memory:
             line += f", ~{memory['estimated_bytes'] / 2**20:,.0f} MiB est. ({memory['parameters']:,} params)"
         echo(line)
@@ -88,8 +103,9 @@ def preflight(
 def render_examples(recipe: Recipe, data_format: str, count: int = 2) -> list[str]:
     """A few training rows rendered through the chat template, loss-masked tokens in [[ ]]."""
     source = recipe.model.model_name_or_path
-    if not (Path(source) / "tokenizer_config.json").exists():
-        return []
+    data = Path(recipe.data.dataset_name or "")
+    if not (Path(source) / "tokenizer_config.json").exists() or (data.suffix and not data.exists()):
+        return []  # the model or the data is an earlier stage's output, not written yet
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)  # the template the stage will use
     data_args = dataclasses.replace(recipe.data, synthetic_num_examples=8)
     train, _, _ = prepare_datasets(data_args, data_format, recipe.training.seed)
@@ -101,7 +117,7 @@ def render_examples(recipe: Recipe, data_format: str, count: int = 2) -> list[st
         if not messages:
             rendered.append(str(row)[:300])
             continue
-        encoded = tokenizer.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
+        encoded = tokenize_conversation(tokenizer, messages)
         pieces, in_loss = [], False
         for token, mask in zip(encoded["input_ids"], encoded["assistant_masks"]):
             if mask and not in_loss:

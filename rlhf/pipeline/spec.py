@@ -44,7 +44,8 @@ class StageSpec:
 
     @property
     def upstream(self) -> list[str]:
-        return [*self.positional, *self.inputs.values()]
+        """The earlier stages this one reads (`inputs:` may name a file inside one: `samples/sft.jsonl`)."""
+        return list(dict.fromkeys([*self.positional, *(value.split("/")[0] for value in self.inputs.values())]))
 
 
 @dataclass
@@ -139,7 +140,10 @@ class PlannedStage:
 
 def plan_stage(pipeline: Pipeline, spec: StageSpec) -> PlannedStage:
     """Resolve a stage once: read its recipe file, wire inputs to upstream outputs, set its output."""
-    wired = {key: str(pipeline.stage_dir(name)) for key, name in spec.inputs.items()}
+    wired = {
+        key: str(pipeline.stage_dir(name.split("/")[0]).joinpath(*name.split("/")[1:]))
+        for key, name in spec.inputs.items()
+    }
     output = str(pipeline.stage_dir(spec.name))
     if spec.recipe:
         values = {**read_recipe_file(spec.recipe), **spec.args, **wired, "output_dir": output}
