@@ -19,8 +19,6 @@ from typing import Any
 from rlhf.artifacts import atomic_output_dir, check_output_dir
 from rlhf.config import RecipeError, load_reward_function
 
-MAX_PAIRS_PER_PROMPT = 2
-
 
 def check_best_of_n(
     checkpoint: str, prompts: str, reward_funcs: list[str], num_samples: int = 4, temperature: float = 0.8, **_: Any
@@ -36,16 +34,20 @@ def check_best_of_n(
         raise RecipeError("--temperature: must be above 0; greedy decoding repeats one answer n times.")
 
 
-def _pairs(responses: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Up to MAX_PAIRS_PER_PROMPT (better, worse) pairs: best against worst, then the next ones inwards."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    pairs = []
-    for k in range(MAX_PAIRS_PER_PROMPT):
-        better, worse = order[k], order[-1 - k]
-        if k >= len(order) - 1 - k or scores[better] <= scores[worse]:
-            break
-        pairs.append((responses[better], responses[worse]))
-    return pairs
+def _pairs(responses: list[str], scores: list[float], most: int) -> list[tuple[str, str]]:
+    """Up to `most` (better, worse) pairs of distinct answers, the widest score gaps first."""
+    candidates = [
+        (scores[i] - scores[j], i, j)
+        for i in range(len(scores))
+        for j in range(len(scores))
+        if scores[i] > scores[j] and responses[i] != responses[j]
+    ]
+    pairs, used = [], set()
+    for _, i, j in sorted(candidates, key=lambda c: -c[0]):
+        if (responses[i], responses[j]) not in used:
+            used.add((responses[i], responses[j]))
+            pairs.append((responses[i], responses[j]))
+    return pairs[:most]
 
 
 def best_of_n(
@@ -55,6 +57,7 @@ def best_of_n(
     reward_funcs: list[str],
     num_samples: int = 4,
     min_score: float | None = None,
+    pairs_per_prompt: int = 4,
     max_new_tokens: int = 64,
     temperature: float = 0.8,
     top_p: float = 1.0,
@@ -109,7 +112,7 @@ def best_of_n(
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if min_score is None or own_scores[best] >= min_score:
             sft.append({"messages": [*messages, {"role": "assistant", "content": own[best]}]})
-        for chosen, rejected in _pairs(own, own_scores):
+        for chosen, rejected in _pairs(own, own_scores, pairs_per_prompt):
             preference.append(
                 {
                     "prompt": messages,
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True)
     parser.add_argument("--num-samples", type=int, default=4)
     parser.add_argument("--min-score", type=float, help="keep a demonstration only when its best sample scores this")
+    parser.add_argument("--pairs-per-prompt", type=int, default=4, help="most comparisons drawn from one prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -27,6 +27,11 @@ LOG_NOISE: dict[str, tuple[str, ...]] = {
     # PPO's checkpoints (Accelerator.save_state) store a tied LM head once: the tie is in the model, and
     # loading the embedding restores the head. Any other shared tensor is still reported.
     "accelerate.utils.other": (r"Removed shared tensor \{'[\w.]*lm_head\.weight'\} while saving",),
+    # A reward or value model started from a causal LM gets a new score head: transformers reports it as
+    # missing. The report is dropped only when the score head is all it lists.
+    "transformers.modeling_utils": (
+        r"(?sm)ForSequenceClassification\S* LOAD REPORT(?!.*^(?!Key\b|score\.)[\w.]+ *\|)",
+    ),
 }
 # Warnings ignored unless verbose: (category, regular expression matched at the start of the message).
 WARNING_NOISE: tuple[tuple[type[Warning], str], ...] = (

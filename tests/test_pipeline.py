@@ -225,3 +225,53 @@ def test_training_stages_run_under_accelerate_launch_when_configured(tmp_path):
     assert _statuses(summary) == {"base": "ran", "sft": "ran"}
     metrics = json.loads((tmp_path / "out" / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 1 and metrics["train"]["train_runtime"] > 0
+
+
+def test_data_an_upstream_stage_writes_is_read_and_cached_by_that_stage(tiny_sft_checkpoint, tmp_path):
+    # best-of-n writes samples/sft.jsonl; SFT reads it through `inputs: {dataset_name: samples/sft.jsonl}`.
+    from rlhf.data.synthetic import make_synthetic_dataset
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in make_synthetic_dataset("prompts", 16, split="test")["prompt"])
+    )
+    sft_recipe = tmp_path / "sft.yaml"
+    sft_recipe.write_text(
+        yaml.safe_dump(
+            {"stage": "sft", "model_name_or_path": "wired", "dataset_name": "wired", "output_dir": "wired"}
+            | {"max_length": 64, "max_steps": 1, "report_to": "none", "save_strategy": "no", "disable_tqdm": True}
+        )
+    )
+    samples = {
+        "name": "samples",
+        "command": "best-of-n",
+        "input": "base",
+        "args": {"prompts": str(prompts), "reward_funcs": ["rlhf.data.synthetic:rule_reward"], "seed": 0}
+        | {"num_samples": 4, "max_new_tokens": 12, "temperature": 1.0},
+    }
+    pipeline = {
+        "name": "upstream-data",
+        "output_dir": str(tmp_path / "out"),
+        "stages": [
+            {"name": "base", "command": "export", "args": {"checkpoint": str(tiny_sft_checkpoint)}},
+            samples,
+            {
+                "name": "sft",
+                "recipe": str(sft_recipe),
+                "inputs": {"model_name_or_path": "base", "dataset_name": "samples/sft.jsonl"},
+            },
+        ],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    assert _statuses(run_pipeline(load_pipeline(str(path)))) == {"base": "ran", "samples": "ran", "sft": "ran"}
+    used = yaml.safe_load((tmp_path / "out" / "sft" / "recipe.yaml").read_text())
+    assert used["dataset_name"] == str(tmp_path / "out" / "samples" / "sft.jsonl")
+    assert set(_statuses(run_pipeline(load_pipeline(str(path)))).values()) == {"cached"}
+
+    # New samples: SFT reruns on them, and the run after that finds everything cached again (SFT's
+    # fingerprint must not depend on the file as it was before the samples stage rewrote it).
+    samples["args"]["seed"] = 1
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    assert _statuses(run_pipeline(load_pipeline(str(path)))) == {"base": "cached", "samples": "ran", "sft": "ran"}
+    assert set(_statuses(run_pipeline(load_pipeline(str(path)))).values()) == {"cached"}

@@ -18,22 +18,43 @@ from rlhf.plots import plot_histograms, plt, save_figure
 HEADLINE_COLUMNS = [
     ("rule score", "rule_reward"),
     ("reward-model score", "reward_model_score"),
-    ("win-rate vs SFT", "win_rate"),
-    ("KL to SFT", "kl"),
+    ("win-rate vs reference", "win_rate"),
+    ("KL to reference", "kl"),
     ("perplexity", "perplexity"),
     ("refusal (harmful)", "refusal_rate"),
     ("false refusal", "false_refusal_rate"),
+    ("IFEval prompt-level strict", "ifeval_prompt_strict"),
+    ("IFEval instruction-level strict", "ifeval_instruction_strict"),
+    ("response tokens", "response_tokens"),
 ]
 
 
+def headline_columns(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """HEADLINE_COLUMNS that some model has, then the same metrics from later eval stages (`key (stage)`)."""
+    present = {key for result in results.values() for key in result.get("metrics", {})}
+    columns = [(title, key) for title, key in HEADLINE_COLUMNS if key in present]
+    for title, key in HEADLINE_COLUMNS:
+        columns += [(f"{title} ({k[len(key) + 2 : -1]})", k) for k in sorted(present) if k.startswith(f"{key} (")]
+    return columns
+
+
 def _eval_results(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], Path | None]:
-    """Merged per-model results of every eval stage in the pipeline, and the last eval dir."""
+    """Merged per-model results of every eval stage in the pipeline, and the last eval dir.
+
+    A model evaluated by several eval stages keeps the first stage's result; a later stage's metrics
+    join it as `key (stage)` (e.g. the same scores on held-out constraint types).
+    """
     results: dict[str, dict[str, Any]] = {}
     last = None
     for spec in pipeline.stages:
         path = pipeline.stage_dir(spec.name) / "eval.json"
         if spec.command == "eval" and path.exists():
-            results.update(json.loads(path.read_text())["results"])
+            for name, result in json.loads(path.read_text())["results"].items():
+                if name not in results:
+                    results[name] = result
+                else:
+                    later = {f"{key} ({spec.name})": value for key, value in result.get("metrics", {}).items()}
+                    results[name]["metrics"] = {**results[name].get("metrics", {}), **later}
             last = path.parent
     return results, last
 
@@ -91,14 +112,15 @@ def write_report(pipeline: Pipeline, summary: dict[str, Any]) -> Path:
     lines = [f"# Pipeline report: {pipeline.name}", ""]
 
     lines += ["## Headline", ""]
-    header = ["model", *(title for title, _ in HEADLINE_COLUMNS), "weights size", "latency (ms/token)"]
+    columns = headline_columns(results)
+    header = ["model", *(title for title, _ in columns), "weights size", "latency (ms/token)"]
     rows = []
     for name, result in results.items():
         metrics = result.get("metrics", {})
         stage_dir = pipeline.stage_dir(name)
         size = f"{weights_size_bytes(stage_dir) / 2**20:.2f} MiB" if stage_dir.is_dir() else None
         latency = _latency(pipeline, name)
-        rows.append([name, *(metrics.get(key) for _, key in HEADLINE_COLUMNS), size, latency])
+        rows.append([name, *(metrics.get(key) for _, key in columns), size, latency])
     lines += markdown_table(header, rows) if rows else ["(no eval stage in this pipeline)", ""]
 
     lines += ["## Stages", ""]

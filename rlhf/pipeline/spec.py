@@ -132,6 +132,7 @@ class PlannedStage:
     command: Command | None = None  # a command stage
     call_args: list[Any] = field(default_factory=list)
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    upstream_dirs: list[str] = field(default_factory=list)  # outputs of the stages it reads
 
     @property
     def name(self) -> str:
@@ -145,15 +146,16 @@ def plan_stage(pipeline: Pipeline, spec: StageSpec) -> PlannedStage:
         for key, name in spec.inputs.items()
     }
     output = str(pipeline.stage_dir(spec.name))
+    upstream_dirs = [str(pipeline.stage_dir(name)) for name in spec.upstream]
     if spec.recipe:
         values = {**read_recipe_file(spec.recipe), **spec.args, **wired, "output_dir": output}
         stage = stage_named(values.pop("stage", None), f"recipe {spec.recipe}")
-        return PlannedStage(spec, stage=stage, recipe_values=values)
+        return PlannedStage(spec, stage=stage, recipe_values=values, upstream_dirs=upstream_dirs)
     command = COMMANDS[spec.command]
     inputs = [str(pipeline.stage_dir(name)) for name in spec.positional]
     call_args = {"none": [], "one": inputs[:1], "many": [inputs]}[command.inputs]
     kwargs = {**spec.args, **wired, **({"output": output} if command.writes_output else {})}
-    return PlannedStage(spec, command=command, call_args=call_args, call_kwargs=kwargs)
+    return PlannedStage(spec, command=command, call_args=call_args, call_kwargs=kwargs, upstream_dirs=upstream_dirs)
 
 
 def check_command_call(planned: PlannedStage) -> None:
@@ -187,13 +189,19 @@ def _hash_path(path: str) -> str:
     return "missing"
 
 
-def data_fingerprint(values: dict[str, Any]) -> dict[str, str]:
-    """What the stage's data is: file hashes for local files, the generator's code for synthetic data."""
+def data_fingerprint(values: dict[str, Any], upstream_dirs: list[str] = ()) -> dict[str, str]:
+    """What the stage's data is: file hashes for local files, the generator's code for synthetic data.
+
+    Data an upstream stage writes is named by that stage (its fingerprint is already in the digest):
+    the file may still hold an older run's rows when this stage is planned.
+    """
     sources = [values.get("dataset_name"), values.get("eval_dataset_name")]
     sources += [entry.get("path") for entry in values.get("dataset_mixture") or [] if isinstance(entry, dict)]
     result = {}
     for source in filter(None, sources):
-        if str(source).startswith("synthetic:"):
+        if any(Path(source) == Path(d) or Path(d) in Path(source).parents for d in upstream_dirs):
+            result[source] = "upstream"
+        elif str(source).startswith("synthetic:"):
             result[source] = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:16]
         elif os.path.exists(source):
             result[source] = _hash_path(source)[:16]
@@ -221,7 +229,7 @@ def fingerprint(planned: PlannedStage, upstream: dict[str, str]) -> tuple[str, d
         what: dict[str, Any] = {
             "recipe": {"stage": planned.stage.name, **without_secrets(planned.recipe_values, "set")}
         }
-        what["data"] = data_fingerprint(planned.recipe_values)
+        what["data"] = data_fingerprint(planned.recipe_values, planned.upstream_dirs)
     else:
         kwargs = without_secrets(planned.call_kwargs, "set")
         what = {"command": spec.command, "args": planned.call_args, "kwargs": kwargs}
