@@ -1,6 +1,6 @@
 """Best-of-n sampling: a checkpoint's own samples, ranked by reward functions, as demonstrations and comparisons.
 
-rlhf best-of-n outputs/smollm2/base --prompts prompts/train.jsonl --reward-funcs rlhf.data.ifeval:ifeval_partial_reward \
+rlhf best-of-n outputs/smollm2/base --prompts prompts/train.jsonl --reward-funcs rlhf.ifeval:ifeval_partial_reward \
     --num-samples 4 --min-score 1 --output outputs/smollm2/samples
 
 Writes `sft.jsonl` (each prompt with its best sample, when that scores at least `min_score`: rejection
@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf.artifacts import atomic_output_dir, check_output_dir
 from rlhf.config import RecipeError, load_reward_function
 
 
@@ -68,6 +67,7 @@ def best_of_n(
     """Sample `num_samples` answers per prompt, score them with `reward_funcs` (summed), write the four files."""
     from tqdm.auto import tqdm
 
+    from rlhf.artifacts import atomic_output_dir, check_output_dir
     from rlhf.evaluation.generation import generate_responses
     from rlhf.export import load_for_inference, read_prompts
     from rlhf.rewards import completions_for

@@ -161,7 +161,7 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "ifeval-prompts",
-            "rlhf.data.ifeval",
+            "rlhf.ifeval",
             "main",
             "IFEval-style prompts built offline: train, held-out prompts, held-out constraint types",
             "write_prompts",

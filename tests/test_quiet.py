@@ -106,7 +106,7 @@ def imported_by(argv: list[str], env: dict[str, str]) -> tuple[list[str], str]:
 @pytest.mark.parametrize(
     "command",
     ["eval", "plan", "tiny-checkpoint", "pipeline", "attention", "quantize", "prune", "merge", "export", "chat"]
-    + ["generate", "publish", "train"],
+    + ["generate", "publish", "train", "ifeval-prompts", "best-of-n"],
 )
 def test_command_help_imports_no_heavy_library(command):
     heavy, printed = imported_by([command, "--help"], ENV)

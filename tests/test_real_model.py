@@ -15,7 +15,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.data.ifeval import build_prompts, ifeval_accuracy
+from rlhf.ifeval import build_prompts, ifeval_accuracy
 from rlhf.stages import dpo, grpo, ppo, reward, sft
 from tests.conftest import write_recipe
 
@@ -175,7 +175,7 @@ def test_grpo_learns_from_the_ifeval_checker(smollm2_checkpoint, data, tmp_path)
         tmp_path,
         model_name_or_path=str(smollm2_checkpoint),
         reward_model_path=None,
-        reward_funcs=["rlhf.data.ifeval:ifeval_partial_reward"],
+        reward_funcs=["rlhf.ifeval:ifeval_partial_reward"],
         dataset_name=str(data["prompts"]),
         num_generations=2,
         max_completion_length=8,
@@ -201,7 +201,7 @@ def test_eval_generate_quantize_and_gguf_export_on_the_real_checkpoint(smollm2_c
         prompts_split="train",
         num_prompts=4,
         max_new_tokens=16,
-        rule_reward="rlhf.data.ifeval:ifeval_reward",
+        rule_reward="rlhf.ifeval:ifeval_reward",
         html=False,
     )
     (result,) = json.loads((eval_dir / "eval.json").read_text())["results"].values()

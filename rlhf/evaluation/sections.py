@@ -20,7 +20,6 @@ from rlhf.artifacts import RECIPE_FILE
 from rlhf.config import DataArguments, RecipeError
 from rlhf.data import prepare_datasets
 from rlhf.data.formats import convert
-from rlhf.data.ifeval import ifeval_accuracy
 from rlhf.data.synthetic import preferred_answer
 from rlhf.evaluation.context import SectionContext, load_rows, mean
 from rlhf.evaluation.generation import (
@@ -34,6 +33,7 @@ from rlhf.evaluation.metrics import load_metric
 from rlhf.evaluation.perplexity import perplexity
 from rlhf.evaluation.robustness import robustness_section
 from rlhf.evaluation.safety import safety_section
+from rlhf.ifeval import ifeval_accuracy
 from rlhf.plots import plot_training_curves
 from rlhf.rewards import kl_to_reference, reward_model_scores
 
