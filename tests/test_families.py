@@ -291,7 +291,7 @@ def test_quantize_int8(family: Family, family_sft: Path, tmp_path: Path, backend
     """int8 really quantizes every family (Conv1D and `embed_out` heads included) and reloads to the same logits."""
     pytest.importorskip("optimum.quanto" if backend == "quanto" else "torchao")
     from rlhf.compress.quantize import quantize
-    from rlhf.modeling import load_quantized
+    from rlhf.quantized import load_quantized
 
     out = tmp_path / "int8"
     if backend in family.quantize_refusals:  # documented: the backend cannot quantize this family's layers

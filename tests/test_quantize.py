@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf import modeling
+from rlhf import quantized
 from rlhf.compress import REPORT_FILE, linear_weights, weights_size_bytes
 from rlhf.compress import quantize as quantize_module
 from rlhf.compress.quantize import quantize_and_save
 from rlhf.config import RecipeError
-from rlhf.modeling import QUANTIZATION_FILE, check_quantization, load_quantized
+from rlhf.quantized import QUANTIZATION_FILE, check_quantization, load_quantized
 
 PROBE = torch.arange(3, 40).unsqueeze(0)
 
@@ -94,7 +94,7 @@ def test_refusal_happens_before_anything_is_written(tiny_checkpoint, tmp_path):
 
 
 def test_missing_backend_package_names_the_install_command(monkeypatch):
-    monkeypatch.setitem(modeling.BACKEND_PACKAGES, "quanto", ("rlhf_no_such_package.quanto", "quant"))
+    monkeypatch.setitem(quantized.BACKEND_PACKAGES, "quanto", ("rlhf_no_such_package.quanto", "quant"))
     with pytest.raises(RecipeError, match=r"pip install 'rlhf\[quant\]'"):
         check_quantization("int8", "quanto", cuda=False)
 

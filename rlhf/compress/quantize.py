@@ -126,7 +126,7 @@ def quantize_and_save(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf.modeling import QUANTIZATION_FILE
+    from rlhf.quantized import QUANTIZATION_FILE
 
     torch_dtype = getattr(torch, dtype)
     if backend == "quanto":
@@ -163,7 +163,7 @@ def verify_reload(model: PreTrainedModel, path: Path, tolerance: float = RELOAD_
     """Reload `path` and compare its logits with `model`'s; raise when they differ (a broken format)."""
     import torch
 
-    from rlhf.modeling import load_quantized
+    from rlhf.quantized import load_quantized
 
     probe = torch.arange(2, min(model.config.vocab_size, 34)).unsqueeze(0)
     with torch.no_grad():
@@ -189,7 +189,8 @@ def quantize(
 ) -> dict[str, Any]:
     """Quantize `checkpoint` into `output` (written atomically) and return the size/quality report."""
     from rlhf.artifacts import atomic_output_dir, check_output_dir, write_json
-    from rlhf.modeling import check_model_source, check_quantization, load_causal_lm, load_quantized, load_tokenizer
+    from rlhf.modeling import check_model_source, load_causal_lm, load_tokenizer
+    from rlhf.quantized import check_quantization, load_quantized
 
     check_output_dir(output, "--output", inputs=(checkpoint,), writer="quantize")
     checkpoint = check_model_source(checkpoint, "CHECKPOINT")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("checkpoint")
     parser.add_argument("--method", required=True, help="int8 or int4 weight-only")
     parser.add_argument("--backend", default="quanto", help="quanto (default), torchao, bitsandbytes (int8)")
-    parser.add_argument(  # the choices are rlhf.modeling.DTYPES, checked there (not imported for --help)
+    parser.add_argument(  # the choices are rlhf.quantized.DTYPES, checked there (not imported for --help)
         "--dtype", default="float32", help="dtype of the unquantized tensors: bfloat16, float16, float32"
     )
     parser.add_argument("--output", required=True, help="output checkpoint directory")
