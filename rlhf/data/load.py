@@ -74,18 +74,19 @@ def check_source(path: str, field: str) -> None:
             )
 
 
+def is_written_by(path: str, outputs: Collection[str]) -> bool:
+    """Whether `path` is one of `outputs` (folders a pipeline's earlier stages write) or lies inside one."""
+    folders = {Path(p) for p in outputs}
+    return Path(path) in folders or any(parent in folders for parent in Path(path).parents)
+
+
 def check_data_sources(data_args: DataArguments, pending: Collection[str] = ()) -> None:
     """Check that every source the recipe names exists (or lies in `pending`: outputs a pipeline writes first)."""
-    pending_dirs = {Path(p) for p in pending}
-
-    def is_pending(path: str) -> bool:
-        return Path(path) in pending_dirs or any(parent in pending_dirs for parent in Path(path).parents)
-
     for i, entry in enumerate(sources(data_args)):
         field = f"dataset_mixture[{i}].path" if data_args.dataset_mixture else "dataset_name"
-        if not is_pending(entry["path"]):
+        if not is_written_by(entry["path"], pending):
             check_source(entry["path"], field)
-    if data_args.eval_dataset_name and not is_pending(data_args.eval_dataset_name):
+    if data_args.eval_dataset_name and not is_written_by(data_args.eval_dataset_name, pending):
         check_source(data_args.eval_dataset_name, "eval_dataset_name")
 
 

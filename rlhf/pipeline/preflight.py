@@ -13,6 +13,7 @@ import yaml
 from rlhf.config import Recipe, RecipeError
 from rlhf.data import prepare_datasets
 from rlhf.data.assistant_mask import tokenize_conversation
+from rlhf.data.load import is_written_by
 from rlhf.modeling import load_tokenizer
 from rlhf.pipeline.spec import Pipeline, PlannedStage, check_command_call, without_secrets
 from rlhf.plan import machine_memory, plan_values, read_accelerate_config
@@ -63,9 +64,8 @@ def estimate_memory(pipeline: Pipeline, planned: PlannedStage) -> dict[str, Any]
 
 def produced_data(recipe: Recipe, produced: set[str]) -> str | None:
     """The first data source of a recipe that an earlier pipeline stage writes, if any."""
-    outputs = {Path(p) for p in produced}
     for source in (recipe.data.dataset_name, recipe.data.eval_dataset_name):
-        if source and (Path(source) in outputs or any(parent in outputs for parent in Path(source).parents)):
+        if source and is_written_by(source, produced):
             return source
     return None
 

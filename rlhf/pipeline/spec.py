@@ -15,6 +15,7 @@ from typing import Any
 import rlhf
 from rlhf.config import RecipeError, read_recipe_file
 from rlhf.data import synthetic
+from rlhf.data.load import is_written_by
 from rlhf.registry import COMMANDS, PIPELINE_COMMANDS, Command, Stage, stage_named
 
 PIPELINE_KEYS = {"name", "output_dir", "accelerate_config", "stages", "report"}
@@ -199,7 +200,7 @@ def data_fingerprint(values: dict[str, Any], upstream_dirs: list[str] = ()) -> d
     sources += [entry.get("path") for entry in values.get("dataset_mixture") or [] if isinstance(entry, dict)]
     result = {}
     for source in filter(None, sources):
-        if any(Path(source) == Path(d) or Path(d) in Path(source).parents for d in upstream_dirs):
+        if is_written_by(str(source), upstream_dirs):
             result[source] = "upstream"
         elif str(source).startswith("synthetic:"):
             result[source] = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:16]
