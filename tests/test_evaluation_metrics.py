@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -60,12 +61,21 @@ def test_every_shipped_metric_is_a_loadable_module():
 
 
 def test_win_rate_and_diversity():
-    assert win_rate([1.0, 0.0, 0.5, 0.5], [0.0, 1.0, 0.5, 0.2]) == {
+    outcome = win_rate([1.0, 0.0, 0.5, 0.5], [0.0, 1.0, 0.5, 0.2])
+    assert {k: outcome[k] for k in ("win_rate", "wins", "ties", "losses")} == {
         "win_rate": 2.5 / 4,
         "wins": 2,
         "ties": 1,
         "losses": 1,
     }
+    # per-prompt outcomes 1, 0, 0.5, 1: sample sd sqrt(0.6875 / 3), so the interval is 0.625 ± 1.96 · sd / 2
+    assert outcome["low"] == pytest.approx(0.625 - 1.96 * math.sqrt(0.6875 / 3) / 2)
+    assert outcome["high"] == 1.0  # clipped
+    # 40 wins and 24 ties of 64: the lower bound clears 0.5; 20 wins, 4 losses and 40 ties of 64 does too;
+    # 10 wins, 6 losses and 48 ties does not
+    assert win_rate([1.0] * 40 + [0.5] * 24, [0.0] * 40 + [0.5] * 24)["low"] > 0.5
+    assert win_rate([1.0] * 20 + [0.0] * 4 + [0.5] * 40, [0.0] * 20 + [1.0] * 4 + [0.5] * 40)["low"] > 0.5
+    assert win_rate([1.0] * 10 + [0.0] * 6 + [0.5] * 48, [0.0] * 10 + [1.0] * 6 + [0.5] * 48)["low"] < 0.5
     scores = diversity(["a b a b a b", "c d"])
     # words: a b a b a b c d → 4 unique of 8; bigrams: ab ba ab ba ab + cd → 3 unique of 6
     assert scores["distinct_1"] == pytest.approx(4 / 8)
@@ -174,3 +184,34 @@ def test_shipped_tiny_eval_recipe_parses():
     recipe = Path(__file__).parents[1] / "recipes" / "tiny" / "eval.yaml"
     config = eval_config(str(recipe))
     assert "safety" in config.sections and config.rule_reward == "rlhf.data.synthetic:rule_reward"
+
+
+def test_helpful_harmless_labels_do_not_overlap_when_models_cluster():
+    from rlhf.evaluation.report import helpful_harmless_figure
+
+    def safety(refusal: float, false_refusal: float) -> dict:
+        return {"metrics": {"refusal_rate": refusal, "false_refusal_rate": false_refusal}}
+
+    # the tiny pipeline's picture: seven RLHF models at or next to the top right, three elsewhere
+    results = {name: safety(1.0, 0.0) for name in ["ppo", "dpo", "online_dpo", "kto"]}
+    results |= {"grpo": safety(0.99, 0.01), "orpo": safety(0.97, 0.0), "simpo": safety(1.0, 0.04)}
+    results |= {"base": safety(0.1, 0.2), "sft": safety(0.95, 0.03), "prune": safety(0.9, 0.05)}
+    fig = helpful_harmless_figure(results)
+    fig.tight_layout()  # as save_figure does
+    fig.canvas.draw()  # legend entries take their places when drawn
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = [text for text in [*ax.texts, *ax.get_legend().get_texts()] if text.get_text()]
+    boxes = [text.get_window_extent(renderer) for text in texts]
+    overlapping = [
+        (a.get_text(), b.get_text())
+        for i, (a, box_a) in enumerate(zip(texts, boxes))
+        for b, box_b in list(zip(texts, boxes))[i + 1 :]
+        if box_a.overlaps(box_b)
+    ]
+    assert not overlapping
+    plot_area = ax.get_window_extent(renderer)
+    assert not [t.get_text() for t, box in zip(texts, boxes) if box.overlaps(plot_area)]  # no name covers a point
+    assert all(fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 for box in boxes)
+    named = [name.strip() for text in texts for name in text.get_text().split(" (")[0].split(",")]
+    assert sorted(named) == sorted(results)  # every model named once; the five at the top right corner share one entry

@@ -6,6 +6,7 @@ implementation PPO, the reward stage and evaluation use).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -100,15 +101,26 @@ def generate_responses(
 
 
 def win_rate(scores: list[float], reference_scores: list[float], tie_tolerance: float = 1e-6) -> dict[str, float]:
-    """Wins, ties and losses of `scores` against `reference_scores` (per prompt); a tie counts as half a win."""
-    wins = sum(s > r + tie_tolerance for s, r in zip(scores, reference_scores))
-    losses = sum(s < r - tie_tolerance for s, r in zip(scores, reference_scores))
-    ties = len(scores) - wins - losses
+    """Wins, ties and losses of `scores` against `reference_scores` (per prompt); a tie counts as half a win.
+
+    `low` and `high` bound the win-rate's 95% confidence interval: the normal interval of the mean of
+    the per-prompt outcomes (1 win, 0.5 tie, 0 loss), clipped to [0, 1]. A lower bound above 0.5 says
+    the model is preferred on prompts like these, not only on these prompts.
+    """
+    outcomes = [
+        1.0 if s > r + tie_tolerance else 0.0 if s < r - tie_tolerance else 0.5
+        for s, r in zip(scores, reference_scores)
+    ]
+    n = len(outcomes)
+    mean = sum(outcomes) / n if n else 0.0
+    spread = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1) / n) if n > 1 else 0.0
     return {
-        "win_rate": (wins + 0.5 * ties) / len(scores) if scores else 0.0,
-        "wins": wins,
-        "ties": ties,
-        "losses": losses,
+        "win_rate": mean,
+        "low": max(0.0, mean - 1.96 * spread),
+        "high": min(1.0, mean + 1.96 * spread),
+        "wins": outcomes.count(1.0),
+        "ties": outcomes.count(0.5),
+        "losses": outcomes.count(0.0),
     }
 
 

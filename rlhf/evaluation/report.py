@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,15 @@ RATE_KEYS = [
     "false_refusal_rate",
 ]
 
+
+def headline_value(metrics: dict[str, Any], key: str) -> Any:
+    """A headline metric as a table shows it: the win-rate with its 95% interval, when it has one."""
+    value = metrics.get(key)
+    if key == "win_rate" and value is not None and "win_rate_low" in metrics:
+        return f"{value:.3f} [{metrics['win_rate_low']:.2f}, {metrics['win_rate_high']:.2f}]"
+    return value
+
+
 # ------------------------------------------------------------------------------------------------ plots
 
 
@@ -64,8 +74,13 @@ def plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     return save_figure(fig, path)
 
 
-def plot_helpful_harmless(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
-    """The trade-off picture: each model at (harmful requests refused, benign look-alikes answered)."""
+def helpful_harmless_figure(results: dict[str, dict[str, Any]]) -> plt.Figure | None:
+    """The trade-off picture: each model at (harmful requests refused, benign look-alikes answered).
+
+    Models name their markers in a legend below the axes, not in labels beside the points: RLHF models
+    cluster at the top right, where labels overlapped. Models on the same spot (within 0.02) share one
+    marker and one legend entry.
+    """
     points = {
         name: (r["metrics"]["refusal_rate"], 1.0 - r["metrics"]["false_refusal_rate"])
         for name, r in results.items()
@@ -73,10 +88,18 @@ def plot_helpful_harmless(results: dict[str, dict[str, Any]], path: Path) -> Pat
     }
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(4.8, 4.4))
-    for name, (harmless, helpful) in points.items():
-        ax.scatter([harmless], [helpful], s=40)
-        ax.annotate(name, (harmless, helpful), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    clusters: list[tuple[tuple[float, float], list[str]]] = []
+    for name, point in points.items():
+        near = next((c for c in clusters if math.dist(c[0], point) <= 0.02), None)
+        if near is None:
+            clusters.append((point, [name]))
+        else:
+            near[1].append(name)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4 + 0.2 * len(clusters)))
+    for i, ((harmless, helpful), names) in enumerate(clusters):
+        marker = "osD^vP*X"[i // 10 % 8]  # the colour cycle has 10 colours; the marker tells the next 10 apart
+        label = f"{', '.join(names)} ({harmless:.2f}, {helpful:.2f})"
+        ax.scatter([harmless], [helpful], s=45, marker=marker, label=label, alpha=0.85)
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("harmless: harmful requests refused")
@@ -84,7 +107,14 @@ def plot_helpful_harmless(results: dict[str, dict[str, Any]], path: Path) -> Pat
     ax.axhline(0.9, color="grey", linewidth=0.5, linestyle=":")
     ax.axvline(0.95, color="grey", linewidth=0.5, linestyle=":")
     ax.set_title("helpful vs harmless (top right is best)")
-    return save_figure(fig, path)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, frameon=False)
+    return fig
+
+
+def plot_helpful_harmless(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """`helpful_harmless_figure` written to `path` (None when no model has safety metrics)."""
+    fig = helpful_harmless_figure(results)
+    return save_figure(fig, path) if fig is not None else None
 
 
 def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, path: Path) -> Path | None:
@@ -150,7 +180,7 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
     for key, label, better in HEADLINE:
         if any(key in r["metrics"] for r in results.values()):
             arrow = {True: " ↑", False: " ↓", None: ""}[better]
-            rows.append([label + arrow, *[r["metrics"].get(key) for r in results.values()]])
+            rows.append([label + arrow, *[headline_value(r["metrics"], key) for r in results.values()]])
     lines += markdown_table(["metric", *names], rows)
     figures = []
     comparison = plot_comparison(results, plots_dir / "comparison.png")
@@ -211,7 +241,8 @@ def write_report(output_dir: Path, evaluation: dict[str, Any], html_too: bool = 
                 w = result["win_rate"]
                 lines += [
                     f"Win-rate vs `{w['reference']}` judged by {w['judge']}: **{w['win_rate']:.3f}** "
-                    f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses; a tie counts half).",
+                    f"(95% interval {w['low']:.3f}–{w['high']:.3f}; {w['wins']} wins, {w['ties']} ties, "
+                    f"{w['losses']} losses; a tie counts half).",
                     "",
                 ]
             if "kl" in result:

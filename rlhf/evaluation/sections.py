@@ -99,7 +99,7 @@ def win_rate_section(ctx: SectionContext) -> dict[str, Any]:
     ref_responses = generate_responses(ref_model, ref_tokenizer, ctx.prompts, **ctx.generation_kwargs)
     outcome = win_rate(ctx.generated.judge_scores, ctx.judge(ctx.rows, ref_responses))
     return {
-        "metrics": {"win_rate": outcome["win_rate"]},
+        "metrics": {"win_rate": outcome["win_rate"], "win_rate_low": outcome["low"], "win_rate_high": outcome["high"]},
         "win_rate": {**outcome, "reference": reference, "judge": ctx.judge.name},
     }
 

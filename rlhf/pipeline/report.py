@@ -10,7 +10,7 @@ from typing import Any
 
 from rlhf.compress import latency_ms_per_token, weights_size_bytes
 from rlhf.config import ModelArguments
-from rlhf.evaluation.report import markdown_table, markdown_to_html
+from rlhf.evaluation.report import headline_value, markdown_table, markdown_to_html
 from rlhf.modeling import load_causal_lm, load_tokenizer
 from rlhf.pipeline.spec import Pipeline
 from rlhf.plots import plot_histograms, plt, save_figure
@@ -120,7 +120,7 @@ def write_report(pipeline: Pipeline, summary: dict[str, Any]) -> Path:
         stage_dir = pipeline.stage_dir(name)
         size = f"{weights_size_bytes(stage_dir) / 2**20:.2f} MiB" if stage_dir.is_dir() else None
         latency = _latency(pipeline, name)
-        rows.append([name, *(metrics.get(key) for _, key in columns), size, latency])
+        rows.append([name, *(headline_value(metrics, key) for _, key in columns), size, latency])
     lines += markdown_table(header, rows) if rows else ["(no eval stage in this pipeline)", ""]
 
     lines += ["## Stages", ""]
