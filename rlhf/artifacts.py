@@ -207,19 +207,24 @@ def start_stage(training_args: Any) -> tuple[Path, str | None]:
     return final, resume
 
 
-def abandon_started_stages() -> None:
+def abandon_started_stages() -> str | None:
     """After a stage failed: delete its `.incomplete` unless it holds a checkpoint to resume from; free its lock.
 
-    A run that fails before its first checkpoint (a bad setting found late, a crash, Ctrl-C) leaves
-    nothing behind; one with checkpoints keeps them, so the same command resumes.
+    A run that fails before its first checkpoint (a bad setting found late, a crash, Ctrl-C, SIGTERM)
+    leaves nothing behind; one with checkpoints keeps them, so the same command resumes. Returns the
+    checkpoint it resumes from (None when none was kept).
     """
+    kept = None
     for final, tmp in list(_started.items()):
         _started.pop(final)
         if int(os.environ.get("RANK", "0")) != 0:
             continue
-        if tmp.is_dir() and last_complete_checkpoint(tmp) is None and is_rlhf_output(tmp):
+        checkpoint = last_complete_checkpoint(tmp) if tmp.is_dir() else None
+        if tmp.is_dir() and checkpoint is None and is_rlhf_output(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint or kept
         release_output_lock(final)
+    return kept
 
 
 FAILURE_HOOKS.append(abandon_started_stages)

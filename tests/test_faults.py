@@ -1,8 +1,9 @@
 """Faults a long job meets on a shared machine: each promise provoked for real, on tiny models.
 
 Foreign folders are never replaced, output paths stay where the user named them, one run writes an
-output at a time (a second fails at once, a lock left by kill -9 is taken over), Ctrl-C and a full
-disk end in one line with finished outputs intact, and a from-scratch initialisation is seeded.
+output at a time (a second fails at once, a lock left by kill -9 is taken over), Ctrl-C, SIGTERM (a
+scheduler's stop; to a stage, PPO or a pipeline) and a full disk end in one line with finished outputs
+intact and the same command resumes, and a from-scratch initialisation is seeded.
 """
 
 from __future__ import annotations
@@ -125,27 +126,124 @@ def test_two_pipelines_on_one_folder_the_second_fails_at_once(tmp_path):
     assert not (out / "base").exists()
 
 
-def test_ctrl_c_ends_in_one_line_and_the_same_command_resumes(tmp_path, tiny_checkpoint):
+def _default_signals() -> None:
+    """In the child, before exec: Ctrl-C and SIGTERM act as in a terminal even when pytest runs as a background
+    job, which POSIX shells start with SIGINT ignored (an ignored signal stays ignored across exec)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def _signal_after_first_checkpoint(command: list[str], incomplete: Path, number: int) -> tuple[int, str]:
+    """Start `command`, send it signal `number` once `incomplete` holds a complete checkpoint; (exit code, stderr)."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_default_signals
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(incomplete.glob("checkpoint-*/trainer_state.json")):
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.2)
+        process.send_signal(number)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # never leave a stage training after a failed test
+            process.kill()
+            process.wait()
+    return process.returncode, stderr
+
+
+def _stopped_line(stderr: str, received: str) -> Path:
+    """Check that a stopped run ended in one line naming what it received; return the checkpoint that line names."""
+    assert "Traceback" not in stderr, stderr
+    line = stderr.strip().splitlines()[-1]
+    start = f"{received}: finished outputs are intact; run the same command again to resume from "
+    assert line.startswith(start) and line.endswith("."), stderr
+    checkpoint = Path(line.removeprefix(start).removesuffix("."))
+    assert (checkpoint / "trainer_state.json").is_file(), line
+    return checkpoint
+
+
+@pytest.mark.parametrize(
+    ("number", "received", "code"),
+    [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "stopped by SIGTERM", 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_and_sigterm_end_in_one_line_and_the_same_command_resumes(
+    number, received, code, tmp_path, tiny_checkpoint
+):
     out = tmp_path / "sft"
     recipe = _sft_recipe(
         tmp_path / "sft.yaml", tiny_checkpoint, out, max_steps=400, save_strategy="steps", save_steps=5
     )
     command = [sys.executable, "-m", "rlhf.stages.sft", str(recipe)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "sft.incomplete").glob("checkpoint-*/trainer_state.json")):
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: finished outputs are intact")
-    assert "Traceback" not in stderr and not out.exists()
+    returncode, stderr = _signal_after_first_checkpoint(command, tmp_path / "sft.incomplete", number)
+    assert returncode == code
+    checkpoint = _stopped_line(stderr, received)
+    assert not out.exists()
 
     resumed = subprocess.run([*command, "--max_steps", "12"], capture_output=True, text=True, env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert yaml.safe_load((out / "metrics.json").read_text())["resumed_from"] == str(checkpoint)
+
+
+def test_sigterm_stops_ppo_with_its_checkpoint_kept_and_the_same_command_resumes(tmp_path, tiny_checkpoint):
+    out = tmp_path / "ppo"
+    recipe = write_recipe(
+        tmp_path / "ppo.yaml",
+        stage="ppo",
+        model_name_or_path=str(tiny_checkpoint),
+        dataset_name="synthetic:prompts",
+        synthetic_num_examples=64,
+        reward_funcs=["rlhf.data.synthetic:rule_reward"],
+        max_eval_samples=8,
+        num_ppo_epochs=1,
+        response_length=6,
+        max_steps=200,
+        output_dir=str(out),
+        **{**FAST_TRAINING, "per_device_train_batch_size": 4, "save_strategy": "steps", "save_steps": 1},
+    )
+    command = [sys.executable, "-m", "rlhf.stages.ppo", str(recipe)]
+    returncode, stderr = _signal_after_first_checkpoint(command, tmp_path / "ppo.incomplete", signal.SIGTERM)
+    assert returncode == 143
+    checkpoint = _stopped_line(stderr, "stopped by SIGTERM")
+    assert not out.exists()
+
+    step = int(checkpoint.name.split("-")[-1])
+    resumed = subprocess.run(
+        [*command, "--max_steps", str(step + 2)], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
     metrics = yaml.safe_load((out / "metrics.json").read_text())
-    assert Path(metrics["resumed_from"]).name.startswith("checkpoint-")
+    assert metrics["resumed_from"] == str(checkpoint) and metrics["train"]["train_updates"] == step + 2
+
+
+def test_sigterm_to_a_pipeline_stops_the_stage_it_launched_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to the pipeline's pid alone (a container's PID 1, `kill PID`) reaches the stage that
+    `accelerate launch` started; the stage keeps its checkpoint and the same pipeline command resumes it."""
+    wired = Path("wired-by-pipeline")
+    sft_recipe = _sft_recipe(tmp_path / "sft.yaml", wired, wired, max_steps=40, save_strategy="steps", save_steps=1)
+    pipeline = {
+        "output_dir": str(tmp_path / "out"),
+        "accelerate_config": str(Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu.yaml"),
+        "stages": [
+            {"name": "base", "command": "tiny-checkpoint", "args": {"hidden_size": 32, "num_layers": 1}},
+            {"name": "sft", "recipe": str(sft_recipe), "inputs": {"model_name_or_path": "base"}},
+        ],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    command = [sys.executable, "-m", "rlhf.pipeline", str(path)]
+    returncode, stderr = _signal_after_first_checkpoint(command, tmp_path / "out" / "sft.incomplete", signal.SIGTERM)
+    assert returncode == 143
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: ")
+    stage_line = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM: ")][0]
+    checkpoint = _stopped_line(stage_line, "stopped by SIGTERM")  # the stage's own line names its checkpoint
+    assert not (tmp_path / "out" / "sft").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = yaml.safe_load((tmp_path / "out" / "sft" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(checkpoint)
 
 
 def test_a_full_disk_ends_in_one_line_and_the_finished_output_stays(tmp_path, capsys):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from rlhf.artifacts import OUTPUT_MARKER, incomplete_dir, output_lock, write_json
 from rlhf.config import RecipeError
+from rlhf.entrypoint import Terminated
 from rlhf.pipeline.preflight import preflight, show_examples, write_stage_recipe
 from rlhf.pipeline.report import write_report
 from rlhf.pipeline.spec import Pipeline, PlannedStage, StageSpec, fingerprint, plan_stage
@@ -93,10 +94,29 @@ def run_training_stage(pipeline: Pipeline, planned: PlannedStage, digest: str) -
     with _hf_token(planned.recipe_values.get("hub_token")):
         if pipeline.accelerate_config:
             launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", pipeline.accelerate_config]
-            subprocess.run([*launcher, "-m", f"rlhf.stages.{planned.stage.name}", str(path)], check=True)
+            _launch([*launcher, "-m", f"rlhf.stages.{planned.stage.name}", str(path)])
         else:
             planned.stage.module.main([str(path)])
     (pipeline.stage_dir(planned.name) / FINGERPRINT_FILE).unlink(missing_ok=True)
+
+
+def _launch(command: list[str]) -> None:
+    """Run an `accelerate launch` command; when this run is stopped, the launcher's workers stop first.
+
+    Ctrl-C reaches the launcher from the terminal; a SIGTERM sent to this process alone (a container's
+    PID 1, `kill PID`) is passed on, and the launcher passes it to its workers, which stop as on Ctrl-C.
+    subprocess.run would SIGKILL the launcher instead, leaving its workers training and holding the lock.
+    """
+    process = subprocess.Popen(command)
+    try:
+        returncode = process.wait()
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):
+            process.terminate()
+        process.wait()
+        raise
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, command)
 
 
 def run_command_stage(pipeline: Pipeline, planned: PlannedStage) -> None:
