@@ -49,6 +49,7 @@ class DataArguments(ScriptArguments):
     eval_dataset_name: str | None = None
     synthetic_num_examples: int = 1000
     synthetic_sft_noise: float = 0.3
+    synthetic_sft_mediocre: float = 0.0
     clean_normalize_unicode: bool = True
     clean_min_chars: int = 1
     clean_max_chars: int | None = None

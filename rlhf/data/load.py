@@ -157,6 +157,7 @@ def read_source(
             seed,
             "test" if split == "test" else "train",
             data_args.synthetic_sft_noise,
+            data_args.synthetic_sft_mediocre,
         )
     elif os.path.isdir(path) and (Path(path) / "dataset_dict.json").exists():
         dataset = load_from_disk(path)[split]

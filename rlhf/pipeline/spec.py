@@ -14,7 +14,7 @@ from typing import Any
 
 import rlhf
 from rlhf.config import RecipeError, read_recipe_file
-from rlhf.data import synthetic
+from rlhf.data import synthetic, world
 from rlhf.data.load import is_written_by
 from rlhf.registry import COMMANDS, PIPELINE_COMMANDS, Command, Stage, stage_named
 
@@ -203,7 +203,8 @@ def data_fingerprint(values: dict[str, Any], upstream_dirs: list[str] = ()) -> d
         if is_written_by(str(source), upstream_dirs):
             result[source] = "upstream"
         elif str(source).startswith("synthetic:"):
-            result[source] = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:16]
+            world_files = (synthetic.__file__, world.__file__)
+            result[source] = hashlib.sha256(b"".join(Path(f).read_bytes() for f in world_files)).hexdigest()[:16]
         elif os.path.exists(source):
             result[source] = _hash_path(source)[:16]
         else:
