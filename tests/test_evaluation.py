@@ -83,6 +83,8 @@ def test_rlhf_eval_end_to_end(tiny_sft_checkpoint: Path, tiny_checkpoint: Path, 
     base, sft = evaluation["results"]["base"], evaluation["results"]["sft"]
     # The SFT model against itself: identical greedy answers (all ties) and zero KL.
     assert sft["win_rate"]["win_rate"] == 0.5 and sft["win_rate"]["ties"] == 16
+    assert sft["win_rate"]["judge"] == "rule `rlhf.data.synthetic:rule_reward`"  # the recipe's win_rate_judge
+    assert base["win_rate"]["low"] <= base["metrics"]["win_rate"] <= base["win_rate"]["high"]
     assert sft["metrics"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert base["metrics"]["kl"] > 1.0
     assert "16 samples" in base["kl"]["unreliable"]  # 16 prompts: flagged, not reported as a clean figure

@@ -158,6 +158,10 @@ def test_eval_recipe_errors_name_the_field(tmp_path: Path):
         eval_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(RecipeError, match="robustness_perturbations: unknown entry 'typo'"):
         eval_config(robustness_perturbations=["typo"])
+    with pytest.raises(RecipeError, match="win_rate_judge: unknown entry 'rules'.*Did you mean 'rule'"):
+        eval_config(win_rate_judge="rules")
+    with pytest.raises(RecipeError, match="win_rate_judge: reward_model judges the win-rate, so set reward_model_path"):
+        eval_config(win_rate_judge="reward_model")
 
 
 def test_argv_and_keywords_give_the_same_config(tmp_path: Path):

@@ -35,6 +35,9 @@ class EvalConfig:
     rule_reward: str | None = "rlhf.data.synthetic:rule_reward"
     reward_model_path: str | None = None
     reference_model_path: str | None = None
+    # Who decides each win: "rule" or "reward_model"; "auto" is the reward model when given, else the rule.
+    # A rule that scores 0/1 makes ties, which count half; a reward model's scores almost never tie.
+    win_rate_judge: str = "auto"
     preference_dataset: str = "synthetic:preference"
     preference_split: str = "test"
     num_preference_pairs: int = 64
@@ -110,6 +113,7 @@ class Judge:
     def __init__(self, config: EvalConfig, models: Models) -> None:
         self.batch_size = config.batch_size
         self.rule = load_reward_function(config.rule_reward, "rule_reward") if config.rule_reward else None
+        self.rule_name = config.rule_reward
         self.reward_model = models.reward_model(config.reward_model_path) if config.reward_model_path else None
         # The reward model's pairwise accuracy depends on no checkpoint: the reward_model section fills it once.
         self.pairwise: dict[str, Any] | None = None
@@ -136,6 +140,19 @@ class Judge:
         """The reward model's scores when there is one, else the rule's."""
         scores = self.model_scores(rows, responses)
         return scores if scores is not None else self.rule_scores(rows, responses)  # type: ignore[return-value]
+
+    def win_rate_name(self, judge: str) -> str:
+        """The judge of the win-rate, as the report names it."""
+        if judge == "rule" or (judge == "auto" and self.reward_model is None):
+            return f"rule `{self.rule_name}`"
+        return self.name
+
+    def win_rate_scores(self, rows: list[dict[str, Any]], responses: list[str], judge: str) -> list[float]:
+        """Scores for the win-rate by `win_rate_judge`: "rule", "reward_model" or "auto" (as `__call__`)."""
+        if judge == "auto":
+            return self(rows, responses)
+        scores = self.rule_scores(rows, responses) if judge == "rule" else self.model_scores(rows, responses)
+        return scores  # type: ignore[return-value]  # the runner checks that the judge exists
 
 
 @dataclass

@@ -54,6 +54,11 @@ def eval_config(recipe: str | None = None, output: str | Path | None = None, **o
         config.robustness_perturbations = list(PERTURBATIONS)
     _check_choices("sections", config.sections, list(SECTIONS))
     _check_choices("robustness_perturbations", config.robustness_perturbations, PERTURBATIONS)
+    judges = {"auto": None, "rule": "rule_reward", "reward_model": "reward_model_path"}
+    _check_choices("win_rate_judge", [config.win_rate_judge], list(judges))
+    needed = judges[config.win_rate_judge]
+    if "win_rate" in config.sections and needed and not getattr(config, needed):
+        raise RecipeError(f"win_rate_judge: {config.win_rate_judge} judges the win-rate, so set {needed}.")
     for name in ("num_prompts", "max_new_tokens", "batch_size", "num_preference_pairs", "num_perplexity_texts"):
         if getattr(config, name) < 1:
             raise RecipeError(f"{name}: must be at least 1, got {getattr(config, name)}.")
@@ -91,6 +96,7 @@ def check_inputs(checkpoints: list[str], config: EvalConfig) -> list[str]:
         load_reward_function(config.rule_reward, "rule_reward")
     if not config.rule_reward and not config.reward_model_path and sections & {"win_rate", "robustness"}:
         raise RecipeError("rule_reward: win_rate and robustness need a judge; set rule_reward or reward_model_path.")
+
     return checkpoints
 
 

@@ -97,10 +97,13 @@ def win_rate_section(ctx: SectionContext) -> dict[str, Any]:
         return {"skipped": "set reference_model_path"}
     ref_model, ref_tokenizer = ctx.models.causal_lm(reference)
     ref_responses = generate_responses(ref_model, ref_tokenizer, ctx.prompts, **ctx.generation_kwargs)
-    outcome = win_rate(ctx.generated.judge_scores, ctx.judge(ctx.rows, ref_responses))
+    judge = ctx.config.win_rate_judge
+    generated = ctx.generated
+    scores = {"auto": generated.judge_scores, "rule": generated.rule_scores}.get(judge, generated.reward_model_scores)
+    outcome = win_rate(scores, ctx.judge.win_rate_scores(ctx.rows, ref_responses, judge))
     return {
         "metrics": {"win_rate": outcome["win_rate"], "win_rate_low": outcome["low"], "win_rate_high": outcome["high"]},
-        "win_rate": {**outcome, "reference": reference, "judge": ctx.judge.name},
+        "win_rate": {**outcome, "reference": reference, "judge": ctx.judge.win_rate_name(judge)},
     }
 
 
