@@ -204,7 +204,38 @@ def start_stage(training_args: Any) -> tuple[Path, str | None]:
     training_args.output_dir = str(tmp)
     _started[final] = tmp
     resume = training_args.resume_from_checkpoint or last_complete_checkpoint(tmp)
+    same_checkpoint_on_every_process(resume, final)
     return final, resume
+
+
+def same_checkpoint_on_every_process(resume: str | None, final: Path) -> None:
+    """Under a multi-process launch, refuse to start unless every process resumes from the same checkpoint (or none).
+
+    Each machine looks in its own `<output_dir>.incomplete`. Without a filesystem they share, machine 0 finds
+    the checkpoints its main process wrote and the other machines find none: their processes would start at
+    different steps and wait for each other in the first collective (or train on from different weights).
+    A collective itself: called by every process (the launcher's process group exists once the training
+    arguments are built).
+    """
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+        return
+    found = resume if resume and Path(resume).is_dir() else None
+    views: list[Any] = [None] * distributed.get_world_size()
+    distributed.all_gather_object(views, (socket.gethostname(), found))
+    # The step is what must agree (`checkpoint-N`); machines with their own disks may mount output_dir elsewhere.
+    if len({Path(checkpoint).name if checkpoint else None for _, checkpoint in views}) == 1:
+        return
+    ranks: dict[tuple[str, str | None], list[str]] = {}
+    for rank, view in enumerate(views):
+        ranks.setdefault(tuple(view), []).append(str(rank))
+    seen = "; ".join(f"rank {','.join(r)} on {host}: {path or 'none'}" for (host, path), r in ranks.items())
+    raise RecipeError(
+        f"output_dir: the processes of this launch would resume {final} from different checkpoints ({seen}). "
+        "Machines that do not share output_dir's filesystem each see only their own files; resuming a run over "
+        "several machines needs output_dir on a filesystem they all share. To start over instead, delete "
+        f"{incomplete_dir(final)} on every machine."
+    )
 
 
 def abandon_started_stages() -> str | None:
@@ -288,7 +319,8 @@ def finish_stage(trainer: Any, recipe: Any, metrics: dict[str, Any], final: Path
     """Save model, tokenizer, trainer state, metrics.json and the resolved recipe; then publish.
 
     Called on every process: saving gathers FSDP/ZeRO-3 shards collectively, then only the main
-    process writes files and renames; the others wait, so on return `final` exists on every rank.
+    process writes files and renames; the others wait, so on return `final` exists on every rank that
+    sees the main process's filesystem (on several machines without a shared one: machine 0 only).
     A model with NaN/inf weights is refused: the `.incomplete` folder and its checkpoints stay.
     """
     tmp = Path(trainer.args.output_dir)

@@ -60,6 +60,14 @@ def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) ->
 
             # Under an FSDP config that alone would make the run plain DDP: shard over gloo instead.
             shard_over_gloo_when_launched_with_fsdp()
+    # The GPU launch configs (ddp.yaml, multi_node.yaml, ...) set mixed_precision bf16; on CPU processes
+    # accelerate would autocast a Trainer stage to bf16 while PPO and every single-process run train in fp32.
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched in ("bf16", "fp16"):
+        from rlhf.distributed import say_once
+
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+        say_once(f"note: no GPU: the launcher's mixed_precision {launched} is ignored; training runs in fp32.")
     # The DataLoader pins memory only for a GPU; asked to without one, torch warns on every loader.
     if "dataloader_pin_memory" in training_fields:
         values.setdefault("dataloader_pin_memory", False)

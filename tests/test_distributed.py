@@ -13,7 +13,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
@@ -120,19 +120,33 @@ def stage_recipes(base: Path, out: Path) -> dict[str, dict]:
     }
 
 
-def launch_command(
-    report: Path, runs: list[tuple[str, Path, list[str]]], config: str = "ddp.yaml"
-) -> tuple[list[str], dict[str, str]]:
-    """The `accelerate launch` command (2 processes over gloo running `runs` in order) and its environment."""
-    with socket.socket() as sock:  # a free rendezvous port, so parallel sessions never collide
+def free_port() -> int:
+    """A free TCP port on this machine for a rendezvous, so parallel sessions never collide."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def launch_command(
+    report: Path,
+    runs: list[tuple[str, Path, list[str]]],
+    config: str = "ddp.yaml",
+    port: int | None = None,
+    launcher_args: Sequence[str] = (),
+    mixed_precision: str | None = "no",
+) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command (2 processes over gloo running `runs` in order) and its environment.
+
+    `launcher_args` go to `accelerate launch` too (e.g. a machine's rank of a multi-machine launch);
+    `mixed_precision=None` keeps the config's own."""
     argv = [str(report)]
     for i, (stage, recipe, overrides) in enumerate(runs):
         argv += (["::"] if i else []) + [stage, str(recipe), *overrides]
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)),
-        *("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)),
+        *("--num_processes", "2", "--main_process_port", str(port or free_port())),
+        *(("--mixed_precision", mixed_precision) if mixed_precision else ()),
+        *launcher_args,
         str(REPO / "tests" / "distributed_stage.py"),
         *argv,
     ]
