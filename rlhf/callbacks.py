@@ -1,6 +1,7 @@
 """Trainer callbacks for recipe settings that transformers/TRL do not offer as config fields.
 
 - `L1RegularizationCallback`: the recipe's `l1_regularization`, applied to gradients.
+- `DisableDropoutCallback`: `disable_dropout: true` turns off the attention dropout TRL leaves on.
 - `DivergenceCallback`: a loss or gradient norm that stops being a finite number (or a gradient norm
   above `max_grad_norm_alarm`) ends the run with one line, before a checkpoint of broken weights is
   written; the last good checkpoint stays in `<output>.incomplete/` and nothing is published.
@@ -30,6 +31,7 @@ from transformers.integrations import TensorBoardCallback
 from rlhf.artifacts import last_complete_checkpoint
 from rlhf.config import RecipeError, load_reward_function
 from rlhf.health import FIXES, HealthArguments, HealthPoint, HealthRules
+from rlhf.modeling import disable_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +135,28 @@ class L1RegularizationCallback(TrainerCallback):
                     parameter.grad.add_(torch.sign(parameter), alpha=self.coef)
 
 
-def regularization_callbacks(model_args) -> list[TrainerCallback]:
-    """The callbacks a recipe's regularisation settings ask for (L1 today)."""
+class DisableDropoutCallback(TrainerCallback):
+    """`disable_dropout: true` means no dropout at all: before the first step, also the attention dropout that TRL's
+    `disable_dropout_in_model` leaves on (`rlhf.modeling.disable_dropout`).
+
+    TRL's trainers zero only `nn.Dropout` modules, but Llama-style attention applies the config's float
+    `attention_dropout` while training (an SFT recipe's `dropout` writes it into the checkpoint), which makes
+    the policy's log-probs noisy against its reference. The reference models TRL builds run in eval mode, where
+    no dropout applies.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            disable_dropout(model)
+
+
+def regularization_callbacks(model_args, training_args: Any = None) -> list[TrainerCallback]:
+    """The callbacks a recipe's regularisation settings ask for: L1, and no dropout at all under `disable_dropout`."""
     coef = getattr(model_args, "l1_regularization", 0.0)
-    return [L1RegularizationCallback(coef)] if coef > 0 else []
+    callbacks: list[TrainerCallback] = [L1RegularizationCallback(coef)] if coef > 0 else []
+    if getattr(training_args, "disable_dropout", False):
+        callbacks.append(DisableDropoutCallback())
+    return callbacks
 
 
 # ---- health alarms and the completions table -----------------------------------------------------
@@ -388,7 +408,7 @@ def health_callbacks(training_args: Any) -> list[TrainerCallback]:
 def stage_callbacks(model_args, training_args) -> list[TrainerCallback]:
     """The callbacks of a Trainer-based stage: regularisation, the divergence check, then the health alarms."""
     return [
-        *regularization_callbacks(model_args),
+        *regularization_callbacks(model_args, training_args),
         DivergenceCallback(training_args.max_grad_norm_alarm),
         *health_callbacks(training_args),
     ]

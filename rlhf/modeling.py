@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from trl import ModelConfig, get_quantization_config
+from trl.trainer.utils import disable_dropout_in_model
 
 from rlhf.config import RecipeError
 from rlhf.distributed import say_once
@@ -317,6 +318,12 @@ def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool = False) 
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def is_dropout_setting(name: str) -> bool:
+    """Whether a config field or module attribute named `name` is a dropout probability (`attention_dropout`,
+    `hidden_dropout_prob`, GPT-2's `resid_pdrop`, `dropout_p`, …)."""
+    return "dropout" in name or name.endswith("pdrop")
+
+
 def _config_with_dropout(model_args: ModelConfig, trust_remote_code: bool) -> dict:
     """`{"config": ...}` with every architecture dropout set to the recipe's `dropout`, or {} when unset."""
     dropout = getattr(model_args, "dropout", None)
@@ -325,12 +332,36 @@ def _config_with_dropout(model_args: ModelConfig, trust_remote_code: bool) -> di
     config = AutoConfig.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
     )
-    names = [k for k, v in vars(config).items() if "dropout" in k and isinstance(v, float)]
+    names = [k for k, v in vars(config).items() if is_dropout_setting(k) and isinstance(v, float)]
     if not names:
         raise RecipeError(f"dropout: {type(config).__name__} has no dropout setting to change; remove `dropout`.")
     for name in names:
         setattr(config, name, dropout)
     return {"config": config}
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout anywhere in `model`, in training mode too: what RL and preference losses need (repeatable log-probs).
+
+    TRL's `disable_dropout_in_model` zeroes `nn.Dropout` modules only. Llama-style attention (most
+    transformers models) keeps a float `attention_dropout` from the config and applies it while training, and
+    some models read the config's value at forward time (GPT-Neo), so every float dropout setting (and OPT's
+    LayerDrop) of every module, of its config and of the sub-configs is set to 0 too. A saved config then records
+    the dropout the model trained with: none.
+    """
+    disable_dropout_in_model(model)
+    owners: list[Any] = list(model.modules())
+    seen: set[int] = set()
+    while owners:
+        owner = owners.pop()
+        if id(owner) in seen:
+            continue
+        seen.add(id(owner))
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, PreTrainedConfig):
+                owners.append(value)  # a model's config, or a sub-config (text_config, …)
+            elif isinstance(value, float) and value != 0.0 and (is_dropout_setting(name) or name == "layerdrop"):
+                setattr(owner, name, 0.0)
 
 
 def load_causal_lm(

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf.config import ModelArguments, RecipeError
-from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer, pickle_weight_files
+from rlhf.modeling import (
+    disable_dropout,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    pickle_weight_files,
+)
 from rlhf.stages import sft
 from tests.conftest import write_recipe
 
@@ -38,9 +44,46 @@ def test_chat_template_marks_assistant_turn_including_eos(tiny_checkpoint):
     assert masked[-1] == tokenizer.eos_token_id
 
 
-def test_dropout_setting_reaches_the_model(tiny_checkpoint):
+def _gpt2(dropout: float) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(config, name, dropout)
+    return GPT2LMHeadModel(config)
+
+
+def test_dropout_setting_reaches_the_model(tiny_checkpoint, tmp_path):
     model = load_causal_lm(ModelArguments(model_name_or_path=str(tiny_checkpoint), dropout=0.25))
     assert model.config.attention_dropout == 0.25
+    _gpt2(0.1).save_pretrained(tmp_path / "gpt2")  # GPT-2 names its dropouts *_pdrop
+    config = load_causal_lm(ModelArguments(model_name_or_path=str(tmp_path / "gpt2"), dropout=0.25)).config
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.25
+
+
+def test_disable_dropout_turns_off_attention_dropout_too():
+    # Llama's attention applies the float `attention_dropout` while training (no nn.Dropout to find);
+    # GPT-2's dropouts are nn.Dropout modules. Disabled, a training-mode forward equals the eval-mode one.
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            attention_dropout=0.5,
+        )
+    )
+    ids = torch.randint(0, 64, (2, 12))
+    for model in (llama, _gpt2(0.5)):
+        model.train()
+        noisy = model(input_ids=ids).logits
+        disable_dropout(model)
+        trained = model(input_ids=ids).logits
+        assert not torch.allclose(noisy, trained)
+        torch.testing.assert_close(trained, model.eval()(input_ids=ids).logits)
+    assert llama.config.attention_dropout == 0.0
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in llama.model.layers)
 
 
 def test_score_head_model_from_causal_checkpoint(tiny_checkpoint):

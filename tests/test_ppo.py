@@ -208,6 +208,38 @@ def test_a_large_kl_coef_keeps_the_policy_closer_to_the_reference(kl_runs: dict[
     )
 
 
+def test_attention_dropout_from_the_checkpoint_config_is_off_in_ppo(tiny_checkpoint: Path, tmp_path: Path):
+    # An SFT recipe's `dropout` is written into every dropout field of the config. Llama's attention has no
+    # nn.Dropout: it applies the float `attention_dropout` while training, which TRL's disable_dropout_in_model
+    # left on. Under LoRA the reference is the policy itself with adapters off, so even before any step the two
+    # forwards drew different dropout masks: KL far from 0 at update 1, and a PPO ratio off 1.
+    checkpoint = tmp_path / "attention_dropout"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attention_dropout=0.5).save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(checkpoint)
+    metrics = run_ppo(
+        tmp_path,
+        "dropout",
+        checkpoint,
+        reward_funcs=["tests.test_ppo:polite_reward"],
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        learning_rate=0.0,  # the policy stays the reference: every log-prob must match it
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_ppo_epochs=1,
+        synthetic_num_examples=64,
+        max_eval_samples=8,
+    )
+    history = json.loads((tmp_path / "dropout" / "trainer_state.json").read_text())["log_history"]
+    assert metrics["eval_before"]["eval_before_kl"] == pytest.approx(0.0, abs=1e-5)
+    for update in history:
+        assert update["objective/kl"] == pytest.approx(0.0, abs=1e-5), update
+        assert update["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-7), update
+        assert update["val/ratio"] == pytest.approx(1.0, abs=1e-6), update
+
+
 def build_reward_dir(checkpoint: Path, out: Path, accuracy: float) -> Path:
     """A reward-stage-like output: a sequence classifier (random score head) and its metrics.json."""
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ TRL moved `PPOTrainer` to `trl.experimental` and removed it in 1.13. This packag
 (`PPOConfig` fields, `objective/kl`-style log keys, `checkpoint-<step>/` folders) so a user of the old
 trainer feels at home, and assembles it from accelerate (`Accelerator`, `save_state`), transformers'
 trainer machinery (`TrainerState`, `TrainerControl`, `CallbackHandler`, `get_scheduler`,
-`rotate_checkpoints`) and TRL's utilities (`selective_log_softmax`, `entropy_from_logits`,
-`disable_dropout_in_model`, `use_adapter`).
+`rotate_checkpoints`) and TRL's utilities (`selective_log_softmax`, `entropy_from_logits`, `use_adapter`;
+`disable_dropout_in_model` through `rlhf.modeling.disable_dropout`, which zeroes attention dropout too).
 
   config      PPOConfig
   core        the math as pure functions (response_mask, kl_penalty, compute_gae, whiten, policy_loss,

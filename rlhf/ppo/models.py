@@ -16,9 +16,10 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
-from trl.trainer.utils import disable_dropout_in_model, use_adapter
+from trl.trainer.utils import use_adapter
 
 from rlhf.config import SHARED_VALUE_HEAD
+from rlhf.modeling import disable_dropout
 from rlhf.rewards import position_ids
 
 SHARED = SHARED_VALUE_HEAD  # value_model_path: a value head on the policy's own backbone
@@ -126,10 +127,11 @@ def reference_for(model: PreTrainedModel, ref_model: PreTrainedModel | None) -> 
 
 
 def prepare_for_rollouts(policy: PreTrainedModel, *others: PreTrainedModel | None) -> None:
-    """No dropout anywhere (log-probs must be repeatable) and the policy's KV cache on for generation."""
+    """No dropout anywhere, attention dropout included (log-probs must be repeatable), and the policy's KV cache on
+    for generation."""
     for module in (policy, *others):
         if module is not None:
-            disable_dropout_in_model(module)
+            disable_dropout(module)
     if hasattr(policy.config, "use_cache"):
         policy.config.use_cache = True
 
