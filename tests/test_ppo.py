@@ -34,6 +34,7 @@ from rlhf.ppo import (
 )
 from rlhf.ppo.checkpoint import PPO_STATE_FILE, load_checkpoint, save_checkpoint
 from rlhf.ppo.models import ValueHead
+from rlhf.ppo.timing import PARTS
 from rlhf.rewards import reward_model_record
 from rlhf.stages import ppo
 from tests.conftest import write_recipe
@@ -238,6 +239,36 @@ def test_attention_dropout_from_the_checkpoint_config_is_off_in_ppo(tiny_checkpo
         assert update["objective/kl"] == pytest.approx(0.0, abs=1e-5), update
         assert update["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-7), update
         assert update["val/ratio"] == pytest.approx(1.0, abs=1e-6), update
+
+
+def test_every_update_logs_where_its_time_went(tiny_checkpoint: Path, tmp_path: Path):
+    run_ppo(
+        tmp_path,
+        "timing",
+        tiny_checkpoint,
+        reward_funcs=["tests.test_ppo:polite_reward"],
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,  # 2 minibatches of 2 micro-batches each
+        num_mini_batches=2,
+        num_ppo_epochs=1,
+        response_length=6,
+        synthetic_num_examples=64,
+        max_eval_samples=4,
+    )
+    history = json.loads((tmp_path / "timing" / "trainer_state.json").read_text())["log_history"]
+    parts = [f"timing/{part}" for part in PARTS]
+    assert len(history) == 2
+    for update in history:
+        assert set(parts) | {"timing/other", "timing/update"} <= set(update), update
+        assert all(update[part] >= 0 for part in parts), update
+        assert all(update[part] > 0 for part in ("timing/generation", "timing/training", "timing/optimizer"))
+        # The parts never overlap and all run inside the update: together they take at most its time.
+        assert sum(update[part] for part in parts) <= update["timing/update"] + 1e-6, update
+        assert update["timing/other"] == pytest.approx(
+            update["timing/update"] - sum(update[part] for part in parts), abs=1e-6
+        )
+        assert update["timing/other"] >= -1e-6
 
 
 def build_reward_dir(checkpoint: Path, out: Path, accuracy: float) -> Path:

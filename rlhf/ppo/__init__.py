@@ -13,6 +13,7 @@ trainer machinery (`TrainerState`, `TrainerControl`, `CallbackHandler`, `get_sch
   models      policy + value trained as one module, the reference, frozen scorers
   rollout     which prompts, generation, reward scoring, the Rollout record
   checkpoint  checkpoint-<update>/ folders through Accelerator.save_state / load_state
+  timing      Stopwatch: the seconds of each part of an update, logged as timing/*
   trainer     PPOTrainer: the loop
 """
 

@@ -1,7 +1,7 @@
 """The optimisation half of a PPO update: clipped policy + value loss over minibatches of one rollout.
 
 `PPOOptimization` is a mixin of `rlhf.ppo.trainer.PPOTrainer`, which provides the accelerator,
-model, optimizer, callbacks and state it uses.
+model, optimizer, callbacks, state and stopwatch it uses.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class PPOOptimization:
         stats: dict[str, list[float]] = {k: [] for k in LOSS_METRICS}
         grad_norms: list[float] = []
         generator = torch.Generator().manual_seed(args.seed + self.state.global_step)
+        timed = self.stopwatch  # the update's timing/training and timing/optimizer (rlhf.ppo.timing)
         self.model.train()
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(self.local_batch_size, generator=generator)
@@ -52,31 +53,33 @@ class PPOOptimization:
                 for micro_start in range(0, len(mini), args.per_device_train_batch_size):
                     idx = mini[micro_start : micro_start + args.per_device_train_batch_size].to(r.input_ids.device)
                     with self.accelerator.accumulate(self.model):
-                        with self.accelerator.autocast():
-                            logits, vpred = self.model(r.input_ids[idx], r.attention_mask[idx])
-                        logits = logits[:, r.context_length - 1 : -1].float() / self.rollouts.temperature
-                        new_logprobs = selective_log_softmax(logits, r.responses[idx])
-                        vpred = vpred[:, r.context_length - 1 : -1].float()
-                        micro_mask = mask[idx]
-                        pg_loss, pg_clipfrac, approxkl = policy_loss(
-                            new_logprobs, r.logprobs[idx], advantages[idx], micro_mask, args.cliprange
-                        )
-                        vf_loss, vf_clipfrac = value_loss(
-                            vpred, r.values[idx], returns[idx], micro_mask, args.cliprange_value
-                        )
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        self.accelerator.backward(loss)
-                        if self.accelerator.sync_gradients:
-                            # Clipping to inf only measures the norm (the gradients are multiplied by 1).
-                            grad_norm = self.accelerator.clip_grad_norm_(
-                                self.model.parameters(), args.max_grad_norm or math.inf
+                        with timed("training"):
+                            with self.accelerator.autocast():
+                                logits, vpred = self.model(r.input_ids[idx], r.attention_mask[idx])
+                            logits = logits[:, r.context_length - 1 : -1].float() / self.rollouts.temperature
+                            new_logprobs = selective_log_softmax(logits, r.responses[idx])
+                            vpred = vpred[:, r.context_length - 1 : -1].float()
+                            micro_mask = mask[idx]
+                            pg_loss, pg_clipfrac, approxkl = policy_loss(
+                                new_logprobs, r.logprobs[idx], advantages[idx], micro_mask, args.cliprange
                             )
-                            grad_norm = None if grad_norm is None else float(grad_norm)
-                            self._stop_if_diverged(self.health.check_step(loss.item(), grad_norm))
-                            grad_norms.append(grad_norm or 0.0)
-                        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad()
+                            vf_loss, vf_clipfrac = value_loss(
+                                vpred, r.values[idx], returns[idx], micro_mask, args.cliprange_value
+                            )
+                            loss = pg_loss + args.vf_coef * vf_loss
+                            self.accelerator.backward(loss)
+                        with timed("optimizer"):
+                            if self.accelerator.sync_gradients:
+                                # Clipping to inf only measures the norm (the gradients are multiplied by 1).
+                                grad_norm = self.accelerator.clip_grad_norm_(
+                                    self.model.parameters(), args.max_grad_norm or math.inf
+                                )
+                                grad_norm = None if grad_norm is None else float(grad_norm)
+                                self._stop_if_diverged(self.health.check_step(loss.item(), grad_norm))
+                                grad_norms.append(grad_norm or 0.0)
+                            self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad()
                     ratio = masked_mean(torch.exp(new_logprobs - r.logprobs[idx]), micro_mask)
                     for name, value in zip(LOSS_METRICS, (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl, ratio)):
                         stats[name].append(value.item())

@@ -21,6 +21,7 @@ from rlhf.config import RecipeError
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import is_stop_token, masked_mean, response_mask
 from rlhf.ppo.models import ValueHead, token_values
+from rlhf.ppo.timing import Stopwatch
 from rlhf.rewards import (
     RewardGuard,
     check_reward_weights,
@@ -252,7 +253,10 @@ class Rollout:
 
 
 class RolloutMaker:
-    """Generates and scores responses of a policy: one PPO rollout, or a greedy evaluation."""
+    """Generates and scores responses of a policy: one PPO rollout, or a greedy evaluation.
+
+    A rollout adds the time of each of its parts to `stopwatch` (`rlhf.ppo.timing`); an evaluation does not.
+    """
 
     def __init__(
         self,
@@ -261,9 +265,11 @@ class RolloutMaker:
         rewards: RewardSources,
         accelerator: Accelerator,
         stop_token_ids: list[int],
+        stopwatch: Stopwatch,
     ) -> None:
         self.args, self.tokenizer, self.rewards, self.accelerator = args, tokenizer, rewards, accelerator
         self.stop_token_ids = stop_token_ids
+        self.stopwatch = stopwatch
         self.temperature = args.temperature + 1e-7  # TRL's guard against a zero temperature
 
     def logprobs(
@@ -317,8 +323,9 @@ class RolloutMaker:
     ) -> tuple[Rollout, dict[str, float]]:
         """Sample responses to encoded prompts and score them (`where`: the update, for messages); also each source's
         mean."""
-        args = self.args
-        input_ids, attention_mask, context_length = self.generate(policy, [p["input_ids"] for p in prompts], True)
+        args, timed = self.args, self.stopwatch
+        with timed("generation"):
+            input_ids, attention_mask, context_length = self.generate(policy, [p["input_ids"] for p in prompts], True)
         responses = input_ids[:, context_length:]
         mask = attention_mask[:, context_length:].bool()
         logprobs, ref_logprobs, values, entropies = [], [], [], []
@@ -326,16 +333,19 @@ class RolloutMaker:
         for start in range(0, input_ids.shape[0], step):
             ids, attn = input_ids[start : start + step], attention_mask[start : start + step]
             with self.accelerator.autocast():
-                logprob, logits = self.logprobs(policy, ids, attn, context_length)
-                entropies.append(entropy_from_logits(logits.float()))
-                with reference() as reference_model:
+                with timed("policy_forward"):
+                    logprob, logits = self.logprobs(policy, ids, attn, context_length)
+                    entropies.append(entropy_from_logits(logits.float()))
+                with timed("reference_forward"), reference() as reference_model:
                     ref_logprobs.append(self.logprobs(reference_model, ids, attn, context_length)[0])
-                values.append(token_values(value_model, policy, ids, attn)[:, context_length - 1 : -1].float())
+                with timed("value_forward"):
+                    values.append(token_values(value_model, policy, ids, attn)[:, context_length - 1 : -1].float())
             logprobs.append(logprob)
-        completions = completion_texts(self.tokenizer, responses, mask)
-        scores, parts, skipped, source_scores = self.score(
-            [p["row"] for p in prompts], completions, where, across_processes=True
-        )
+        with timed("reward"):
+            completions = completion_texts(self.tokenizer, responses, mask)
+            scores, parts, skipped, source_scores = self.score(
+                [p["row"] for p in prompts], completions, where, across_processes=True
+            )
         if args.missing_eos_penalty is not None and self.stop_token_ids:
             scores = scores - args.missing_eos_penalty * (~is_stop_token(responses, self.stop_token_ids).any(1)).float()
         rollout = Rollout(

@@ -69,6 +69,7 @@ from rlhf.ppo.models import (
 )
 from rlhf.ppo.optimization import Diverged, PPOOptimization
 from rlhf.ppo.rollout import PromptOrder, RewardFunction, RewardSources, RolloutMaker, encode_prompts
+from rlhf.ppo.timing import Stopwatch
 from rlhf.rewards import completions_for
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,11 @@ class PPOTrainer(PPOOptimization):
         # Every end of turn the policy knows (Gemma's <end_of_turn>, Llama-3's <|eot_id|>), not only the tokenizer's EOS.
         stop_ids = [args.stop_token_id] if args.stop_token_id is not None else []
         self.stop_token_ids = eos_token_ids(model, processing_class) if args.stop_token == "eos" else stop_ids
-        self.rollouts = RolloutMaker(args, processing_class, rewards, self.accelerator, self.stop_token_ids)
+        # Seconds per part of each update, logged as timing/* (this process's own, not averaged over processes).
+        self.stopwatch = Stopwatch(self.accelerator.device)
+        self.rollouts = RolloutMaker(
+            args, processing_class, rewards, self.accelerator, self.stop_token_ids, self.stopwatch
+        )
         model = with_adapters(model, peft_config)
         self.is_peft_model = isinstance(model, PeftModel)
         self.ref_model = reference_for(model, ref_model)
@@ -240,6 +245,8 @@ class PPOTrainer(PPOOptimization):
     def step(self) -> dict[str, float]:
         """One PPO update on the next prompts (rollout → rewards → GAE → optimisation); returns the logged metrics."""
         args = self.args
+        self.stopwatch.reset()
+        update_start = self.stopwatch.now()
         prompts = [self.prompts[i] for i in self.prompt_order.next_indices()]
         where = f"update {self.state.global_step + 1}"
         with gathered_weights(self.model):
@@ -263,6 +270,8 @@ class PPOTrainer(PPOOptimization):
         metrics["reward/skipped"] = self._gather_sum(r.skipped.sum())
         metrics["objective/kl_coef"] = kl_coef
         self.kl_controller.update(metrics["objective/kl"], self.batch_size)
+        # Where this process's time went (rank 0's are logged): not gathered, a slow process shows as itself.
+        metrics.update(self.stopwatch.metrics(self.stopwatch.now() - update_start))
         return metrics
 
     # ---- training loop ---------------------------------------------------------------------------
