@@ -343,6 +343,14 @@ def build_stopper(source: Path, out: Path, stop_id: int) -> tuple[list[int], lis
         after = model(torch.cat([prompt, torch.tensor([[ordinary]])], 1)).logits[0, -1]
         if int(after.argmax()) != stop_id:
             swap(int(after.argmax()), stop_id)  # ... and the second one is the stop token
+        # ... and, not stopped, the answer goes on with a word: generating with the stop tokens suppressed
+        # takes the best other token, and whitespace (a tokenizer's "\x0b") decodes to nothing after strip
+        after = model(torch.cat([prompt, torch.tensor([[ordinary]])], 1)).logits[0, -1]
+        others = [i for i in range(len(after)) if i not in specials | {ordinary}]
+        runner_up = max(others, key=lambda i: after[i].item())
+        if not tokenizer.decode([runner_up]).strip():
+            word = max((i for i in others if tokenizer.decode([i]).strip()), key=lambda i: after[i].item())
+            swap(runner_up, word)  # neither row is an argmax so far: the first two tokens stay
         weight *= 1000.0
     model.generation_config = GenerationConfig(**{**model.generation_config.to_diff_dict()})
 
