@@ -21,7 +21,7 @@ from rlhf.stages import ppo, sft
 from tests.conftest import FAST_TRAINING, write_recipe
 
 REQUESTS = ("harmful", "benign")
-# PPO must beat SFT by this much on held-out requests (the full tiny pipeline: SFT 0.44 → PPO 0.98 on all prompts)
+# PPO must beat SFT by this much on held-out requests (measured 0.00 → 0.67; the full tiny pipeline: SFT 0.44 → PPO 1.00)
 MARGIN = 0.3
 
 
