@@ -1,12 +1,16 @@
-"""What the thin layer costs: rlhf's SFT, reward and DPO stages against plain TRL scripts.
+"""What the thin layer costs: rlhf's SFT, reward, DPO and GRPO stages against plain TRL scripts.
 
-    .venv/bin/python benchmarks/overhead.py                      # all three stages, 3 alternating repeats
+    .venv/bin/python benchmarks/overhead.py                      # all four stages, 3 alternating repeats
     .venv/bin/python benchmarks/overhead.py --stages sft --repeats 5 --threads 2
 
 Each arm runs in its own subprocess on the same checkpoint, the same data file and the same
 training settings: `python -m rlhf.stages.<stage> recipe.yaml` against benchmarks/plain_trl/<stage>.py
-(SFTTrainer / RewardTrainer / DPOTrainer used directly, as TRL's example scripts do). The arms
+(SFTTrainer / RewardTrainer / DPOTrainer / GRPOTrainer used directly, as TRL's example scripts do;
+GRPO is scored by the world's rule in both arms). The arms
 alternate (A B, B A, …) and the table shows median ratios of the same repeat:
+
+The work unit is tokens trained, except for GRPO, whose unit is optimizer steps (steps/s: its tokens
+depend on what was sampled):
 
 - tokens/s, whole stage: tokens trained / the subprocess's wall time (import, data, model load,
   training, saving: everything the user waits for);
@@ -40,7 +44,7 @@ from _common import (
     write_yaml,
 )
 
-STAGE_DATA = {"sft": ("sft", 640), "reward": ("preference", 480), "dpo": ("preference", 256)}
+STAGE_DATA = {"sft": ("sft", 640), "reward": ("preference", 480), "dpo": ("preference", 256), "grpo": ("prompts", 256)}
 COMMON = {
     "max_length": 128,
     "per_device_train_batch_size": 16,
@@ -57,7 +61,17 @@ COMMON = {
     "disable_tqdm": True,
     "dataloader_num_workers": 0,
 }
-STAGE_KEYS = {"sft": {"assistant_only_loss": True}, "reward": {}, "dpo": {"beta": 0.1}}
+STAGE_KEYS = {
+    "sft": {"assistant_only_loss": True},
+    "reward": {},
+    "dpo": {"beta": 0.1},
+    # recipes/tiny/grpo.yaml's sampling and KL settings, 16 steps of 2 prompts × 8 completions
+    "grpo": {"max_steps": 16, "num_generations": 8, "max_completion_length": 24, "temperature": 1.0, "beta": 0.3},
+}
+# What a run's speed is counted in: tokens trained, or (GRPO) optimizer steps
+WORK_UNIT = {"grpo": "global_step"}
+# Keys a stage's config does not have (GRPOConfig has max_completion_length instead of max_length)
+DROPPED_KEYS = {"grpo": ("max_length",)}
 
 
 def prepare(work: Path, stage: str) -> Path:
@@ -71,21 +85,25 @@ def prepare(work: Path, stage: str) -> Path:
     return path
 
 
-def speed_ratios(pairs: list[tuple[dict, dict]], key: str) -> list[float]:
-    """Tokens per `key`-second of the rlhf run ÷ of the plain TRL run, one per repeat."""
-    return [(t["num_tokens"] / t[key]) / (p["num_tokens"] / p[key]) for t, p in pairs]
+def speed_ratios(pairs: list[tuple[dict, dict]], key: str, unit: str = "num_tokens") -> list[float]:
+    """Work (`unit`: tokens or steps) per `key`-second of the rlhf run ÷ of the plain TRL run, one per repeat."""
+    return [(t[unit] / t[key]) / (p[unit] / p[key]) for t, p in pairs]
 
 
 def run_arm(arm: str, stage: str, checkpoint: Path, data: Path, work: Path, threads: int, tag: str) -> dict:
     out = work / f"{stage}-{arm}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     keys = {"model_name_or_path": str(checkpoint), "output_dir": str(out), **COMMON, **STAGE_KEYS[stage]}
+    for key in DROPPED_KEYS.get(stage, ()):
+        keys.pop(key)
     if arm == "plain":
         config = write_yaml(work / f"{stage}-plain.yaml", keys)
         target = [str(REPO / "benchmarks/plain_trl" / f"{stage}.py"), "--config", str(config)]
         target += ["--dataset_name", str(data)]
     else:
         toolkit = {"stage": stage, "dataset_name": str(data), "test_split_size": 0.0, "clean_deduplicate": False}
+        if stage == "grpo":
+            toolkit["reward_funcs"] = ["rlhf.data.synthetic:rule_reward"]
         if arm == "toolkit+eval":  # the default: synthetic data with its held-out split, eval before and after
             toolkit = {"stage": stage, "dataset_name": f"synthetic:{STAGE_DATA[stage][0]}", "clean_deduplicate": False}
             toolkit["synthetic_num_examples"] = STAGE_DATA[stage][1]
@@ -102,7 +120,7 @@ def run_arm(arm: str, stage: str, checkpoint: Path, data: Path, work: Path, thre
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="sft,reward,dpo")
+    parser.add_argument("--stages", default="sft,reward,dpo,grpo")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child (1: less sensitive to noise)")
     parser.add_argument("--with-eval", action="store_true", help="also time the toolkit with its held-out eval")
@@ -136,12 +154,15 @@ def main() -> None:
 
             cells = [f"{stage} ({arm})"]
             for key in ("cpu_s", "train_cpu_s", "wall_s", "train_wall_s"):
-                ratios = speed_ratios(pairs, key)
+                ratios = speed_ratios(pairs, key, WORK_UNIT.get(stage, "num_tokens"))
                 cells.append(f"{median(ratios):.3f} ({spread(ratios)})")
             cells.append(median([t["peak_rss_mb"] / p["peak_rss_mb"] for t, p in pairs]))
             for key in ("cpu_s", "train_cpu_s", "peak_rss_mb"):
                 cells.append(f"{median([p[key] for _, p in pairs]):.1f} / {median([t[key] for t, _ in pairs]):.1f}")
-            cells.append(f"{pairs[0][1]['num_tokens']:.0f} / {pairs[0][0]['num_tokens']:.0f}")
+            unit = WORK_UNIT.get(stage, "num_tokens")
+            cells.append(
+                f"{pairs[0][1][unit]:.0f} / {pairs[0][0][unit]:.0f}" + (" steps" if unit != "num_tokens" else "")
+            )
             rows.append(cells)
     print(f"\nrlhf vs plain TRL ({machine_note()}, {args.threads} thread(s), {args.repeats} alternating repeats)")
     print("ratios are rlhf / plain TRL: tokens/s ≥ 0.98 and peak RSS ≤ 1.05 are the goals\n")
