@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/mfu.py                     # ~14M-parameter Llama, 2 threads
     .venv/bin/python benchmarks/mfu.py --hidden-size 512 --num-layers 8 --threads 1
+    .venv/bin/python benchmarks/mfu.py --model CHECKPOINT --max-length 128 --batch-size 2 --max-steps 3 --repeats 1
+
+`--model` measures a checkpoint folder (safetensors) instead of a random Llama built here, e.g. the
+converted SmolLM2-135M-Instruct (`benchmarks/profile_135m.py` runs it so).
 
 Achieved FLOP/s = TRL's `compute_flops_per_token(config, max_length)` (6·N-style count: forward +
 backward, non-causal attention convention) × tokens/s of a real SFT stage run (trainer
@@ -64,6 +68,7 @@ def peak_matmul_flops(threads: int, size: int = 2048, reps: int = 12) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a checkpoint folder to measure instead of the random Llama built here")
     parser.add_argument("--hidden-size", type=int, default=384)
     parser.add_argument("--num-layers", type=int, default=6)
     parser.add_argument("--max-length", type=int, default=256)
@@ -71,15 +76,19 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--eval-samples", type=int, default=16, help="held-out rows evaluated before and after")
     parser.add_argument("--work", default="/tmp/rlhf_bench/mfu")
     args = parser.parse_args()
     work = Path(args.work)
-    checkpoint = ensure_checkpoint(
-        work / f"ckpt-{args.hidden_size}x{args.num_layers}",
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        num_heads=max(1, args.hidden_size // 64),
-    )
+    if args.model:
+        checkpoint = Path(args.model)
+    else:
+        checkpoint = ensure_checkpoint(
+            work / f"ckpt-{args.hidden_size}x{args.num_layers}",
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=max(1, args.hidden_size // 64),
+        )
     from transformers import AutoConfig
     from trl.trainer.utils import adjusted_mfu, compute_flops_per_token, compute_mfu
 
@@ -101,7 +110,7 @@ def main() -> None:
                 "model_name_or_path": str(checkpoint),
                 "dataset_name": "synthetic:pretrain",
                 "synthetic_num_examples": 2000,
-                "max_eval_samples": 16,
+                "max_eval_samples": args.eval_samples,
                 "clean_deduplicate": False,
                 "packing": True,
                 "packing_strategy": "wrapped",
@@ -142,7 +151,8 @@ def main() -> None:
         [
             [
                 "model",
-                f"Llama hidden {config.hidden_size} × {config.num_hidden_layers} layers, {num_params / 1e6:.1f}M params",
+                f"{config.model_type} hidden {config.hidden_size} × {config.num_hidden_layers} layers, "
+                f"{num_params / 1e6:.1f}M params",
             ],
             ["sequence length (packed, wrapped)", args.max_length],
             ["training FLOPs per token (TRL compute_flops_per_token)", f"{flops_per_token / 1e6:.1f} M"],
@@ -163,7 +173,24 @@ def main() -> None:
         ],
     )
     (work / "result.json").write_text(
-        json.dumps({"mfu": mfu, "mfu_cpu": mfu_cpu, "peak": peak, "tokens_per_s": tokens_per_s})
+        json.dumps(
+            {
+                "mfu": mfu,
+                "mfu_causal": adjusted_mfu(mfu, config, args.max_length),
+                "mfu_cpu": mfu_cpu,
+                "peak": peak,
+                "peaks": [p for p, _ in peaks],
+                "peak_cpu": peak_cpu,
+                "tokens_per_s": tokens_per_s,
+                "tokens_per_cpu_s": tokens_per_cpu_s,
+                "flops_per_token": flops_per_token,
+                "num_params": num_params,
+                "max_length": args.max_length,
+                "batch_size": args.batch_size,
+                "max_steps": args.max_steps,
+                "threads": args.threads,
+            }
+        )
     )
 
 
