@@ -417,9 +417,15 @@ def response_logprobs(
 
     Returns (log-probabilities, the logits they came from); padding positions hold values to mask out.
     """
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-    ).logits[:, context_length - 1 : -1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    return logprobs_from_logits(logits, input_ids, context_length, temperature)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, input_ids: torch.Tensor, context_length: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` from a forward already run over the whole sequence (its logits at every position)."""
+    logits = logits[:, context_length - 1 : -1]
     if temperature != 1.0:
         logits = logits / temperature
     return selective_log_softmax(logits, input_ids[:, context_length:]), logits

@@ -643,3 +643,29 @@ def test_ppo_sharded_launches_it_cannot_run_are_refused_before_loading(
     with pytest.raises(RecipeError, match=message):
         ppo.parse([str(recipe)])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shared_value_head_rollout_runs_the_policy_once_per_batch_with_the_same_numbers(
+    tiny_sft_checkpoint: Path,
+):
+    # The rollout takes log-probs and values from one policy pass when the critic is a shared head: the same
+    # numbers, bit for bit, as the separate passes (`response_logprobs`, `token_values`) it replaced.
+    from rlhf.ppo.models import policy_forward, token_values
+    from rlhf.rewards import logprobs_from_logits, response_logprobs
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_sft_checkpoint).eval()
+    head = ValueHead.for_policy(policy)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, 9, 10]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        calls = []
+        hook = policy.register_forward_hook(lambda *_: calls.append(1))
+        output = policy_forward(policy, ids, mask, hidden=True)
+        logprobs, logits = logprobs_from_logits(output.logits, ids, 3, temperature=0.7)
+        values = head(output.hidden_states[-1])
+        assert len(calls) == 1
+        hook.remove()
+        separate_logprobs, separate_logits = response_logprobs(policy, ids, mask, 3, temperature=0.7)
+        assert torch.equal(logprobs, separate_logprobs) and torch.equal(logits, separate_logits)
+        assert torch.equal(values, token_values(head, policy, ids, mask))

@@ -20,12 +20,13 @@ from trl.trainer.utils import entropy_from_logits, pad
 from rlhf.config import RecipeError
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import is_stop_token, masked_mean, response_mask
-from rlhf.ppo.models import ValueHead, token_values
+from rlhf.ppo.models import ValueHead, policy_forward, token_values
 from rlhf.ppo.timing import Stopwatch
 from rlhf.rewards import (
     RewardGuard,
     check_reward_weights,
     completions_for,
+    logprobs_from_logits,
     response_logprobs,
     reward_model_scores,
     reward_source_name,
@@ -334,12 +335,21 @@ class RolloutMaker:
             ids, attn = input_ids[start : start + step], attention_mask[start : start + step]
             with self.accelerator.autocast():
                 with timed("policy_forward"):
-                    logprob, logits = self.logprobs(policy, ids, attn, context_length)
+                    if isinstance(value_model, ValueHead):
+                        # A shared value head reads the policy's last hidden state: one pass gives both
+                        output = policy_forward(policy, ids, attn, hidden=True)
+                        logprob, logits = logprobs_from_logits(output.logits, ids, context_length, self.temperature)
+                    else:
+                        logprob, logits = self.logprobs(policy, ids, attn, context_length)
                     entropies.append(entropy_from_logits(logits.float()))
                 with timed("reference_forward"), reference() as reference_model:
                     ref_logprobs.append(self.logprobs(reference_model, ids, attn, context_length)[0])
                 with timed("value_forward"):
-                    values.append(token_values(value_model, policy, ids, attn)[:, context_length - 1 : -1].float())
+                    if isinstance(value_model, ValueHead):
+                        token_value = value_model(output.hidden_states[-1])
+                    else:
+                        token_value = token_values(value_model, policy, ids, attn)
+                    values.append(token_value[:, context_length - 1 : -1].float())
             logprobs.append(logprob)
         with timed("reward"):
             completions = completion_texts(self.tokenizer, responses, mask)
