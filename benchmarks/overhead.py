@@ -85,6 +85,19 @@ def prepare(work: Path, stage: str) -> Path:
     return path
 
 
+def same_order_as_the_toolkit(data: Path) -> Path:
+    """The data file in the order the toolkit trains on it: the stage shuffles its rows with the run's seed
+    (rlhf.data.load) before TRL's sampler shuffles them again, so on the raw file a run of `max_steps` would
+    draw other rows (other lengths) in the plain arm. The rows are the same; only their order changes."""
+    from datasets import load_dataset
+
+    path = data.with_name(f"{data.stem}-toolkit-order.jsonl")
+    if not path.exists():
+        rows = load_dataset("json", data_files=str(data), split="train").shuffle(seed=COMMON["seed"])
+        write_jsonl(path, rows.to_list())
+    return path
+
+
 def speed_ratios(pairs: list[tuple[dict, dict]], key: str, unit: str = "num_tokens") -> list[float]:
     """Work (`unit`: tokens or steps) per `key`-second of the rlhf run ÷ of the plain TRL run, one per repeat."""
     return [(t[unit] / t[key]) / (p[unit] / p[key]) for t, p in pairs]
@@ -99,7 +112,7 @@ def run_arm(arm: str, stage: str, checkpoint: Path, data: Path, work: Path, thre
     if arm == "plain":
         config = write_yaml(work / f"{stage}-plain.yaml", keys)
         target = [str(REPO / "benchmarks/plain_trl" / f"{stage}.py"), "--config", str(config)]
-        target += ["--dataset_name", str(data)]
+        target += ["--dataset_name", str(same_order_as_the_toolkit(data) if stage in WORK_UNIT else data)]
     else:
         toolkit = {"stage": stage, "dataset_name": str(data), "test_split_size": 0.0, "clean_deduplicate": False}
         if stage == "grpo":
