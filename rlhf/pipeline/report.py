@@ -128,7 +128,11 @@ def write_report(pipeline: Pipeline, summary: dict[str, Any]) -> Path:
     for name, info in summary["stages"].items():
         stage_rows.append([name, info["status"], info.get("seconds"), info.get("fingerprint")])
     lines += markdown_table(["stage", "this run", "seconds (when it ran)", "fingerprint"], stage_rows)
-    lines += [f"Total wall time of this run: {summary.get('seconds', 0):.1f} s", ""]
+    lines += [
+        f"Wall time of this run from planning to the last stage: {summary.get('seconds', 0):.1f} s "
+        "(this report, with its latency measurements, comes after)",
+        "",
+    ]
     events = [
         [spec.name, event["step"], event["alarm"], event["action"], event["message"]]
         for spec in pipeline.stages

@@ -148,6 +148,7 @@ def run_pipeline(
 def _run_pipeline(
     pipeline: Pipeline, only: str | None, start: str | None, force: bool, echo: Callable[[str], None]
 ) -> dict[str, Any]:
+    total_start = time.time()  # the run's wall time counts planning and pre-flight too: all of it on a cached rerun
     # Plan: resolve every enabled stage once and fingerprint it with its upstream fingerprints.
     selected, forced = select_stages(pipeline, only, start)
     if force:
@@ -175,7 +176,6 @@ def _run_pipeline(
 
     # Execute.
     summary: dict[str, Any] = {"pipeline": pipeline.name, "stages": {}, "preflight": preflight_report}
-    total_start = time.time()
     examples_shown = False
     progress = tqdm(selected, desc=f"pipeline {pipeline.name}", unit="stage", file=sys.stdout)
     for spec in progress:
