@@ -30,8 +30,8 @@ from transformers.integrations import TensorBoardCallback
 
 from rlhf.artifacts import last_complete_checkpoint
 from rlhf.config import RecipeError, load_reward_function
+from rlhf.dropout import disable_dropout
 from rlhf.health import FIXES, HealthArguments, HealthPoint, HealthRules
-from rlhf.modeling import disable_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class L1RegularizationCallback(TrainerCallback):
 
 class DisableDropoutCallback(TrainerCallback):
     """`disable_dropout: true` means no dropout at all: before the first step, also the attention dropout that TRL's
-    `disable_dropout_in_model` leaves on (`rlhf.modeling.disable_dropout`).
+    `disable_dropout_in_model` leaves on (`rlhf.dropout.disable_dropout`).
 
     TRL's trainers zero only `nn.Dropout` modules, but Llama-style attention applies the config's float
     `attention_dropout` while training (an SFT recipe's `dropout` writes it into the checkpoint), which makes

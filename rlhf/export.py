@@ -31,7 +31,8 @@ LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 def check_checkpoint(path: str, base: str | None = None, field: str = "CHECKPOINT") -> str:
     """Fail early, with the fix, when a checkpoint (or an adapter's base) cannot be loaded; returns the path to load."""
-    from rlhf.modeling import adapter_base, check_model_source, is_adapter_dir
+    from rlhf.checkpoint_files import adapter_base, is_adapter_dir
+    from rlhf.modeling import check_model_source
 
     if is_adapter_dir(path):
         check_model_source(adapter_base(path, base), field="--base (or the adapter's base_model_name_or_path)")
@@ -43,7 +44,8 @@ def load_for_inference(
     checkpoint: str, dtype: str | None = None, base: str | None = None, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a full checkpoint, or an adapter merged into its base, with a ready tokenizer, in eval mode."""
-    from rlhf.modeling import adapter_base, align_generation_config, is_adapter_dir, load_causal_lm, load_tokenizer
+    from rlhf.checkpoint_files import adapter_base, is_adapter_dir
+    from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
 
     checkpoint = check_checkpoint(checkpoint, base)
     model_path = adapter_base(checkpoint, base) if is_adapter_dir(checkpoint) else checkpoint
@@ -95,7 +97,7 @@ def merge(
     trust_remote_code: bool = False,
 ) -> Path:
     """Fold a LoRA/DoRA adapter into its base model and save the result to `output`."""
-    from rlhf.modeling import ADAPTER_CONFIG, is_adapter_dir
+    from rlhf.checkpoint_files import ADAPTER_CONFIG, is_adapter_dir
 
     if not is_adapter_dir(adapter_dir):
         raise RecipeError(
@@ -147,8 +149,8 @@ def export_gguf(
     """Write `checkpoint` (adapters merged) as one GGUF file llama.cpp-family tools read."""
     from transformers import AutoConfig
 
+    from rlhf.checkpoint_files import adapter_base, is_adapter_dir
     from rlhf.gguf import OUTTYPES, check_writable, write_gguf
-    from rlhf.modeling import adapter_base, is_adapter_dir
 
     output = Path(output)
     if output.suffix != ".gguf":

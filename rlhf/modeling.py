@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -24,74 +22,18 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from trl import ModelConfig, get_quantization_config
-from trl.trainer.utils import disable_dropout_in_model
 
+from rlhf.checkpoint_files import (
+    adapter_base,
+    is_adapter_dir,
+    local_files,
+    refuse_pickle_weights,
+    warn_remote_code,
+)
 from rlhf.config import RecipeError
 from rlhf.distributed import say_once
+from rlhf.dropout import is_dropout_setting
 from rlhf.gguf import gguf_checkpoint, is_gguf_source
-
-# Files that torch.load unpickles; unpickling can run arbitrary code, safetensors cannot.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Trainer and accelerate state saved beside the weights of a checkpoint; they never hold the model's
-# weights, and resuming reads them with torch.load(weights_only=True).
-TRAINING_STATE_FILES = (
-    "training_args.bin",
-    "optimizer*.pt",
-    "optimizer*.bin",
-    "scheduler*.pt",
-    "scheduler*.bin",
-    "scaler.pt",
-    "sampler*.bin",
-    "rng_state*.pth",
-    "random_states_*.pkl",
-    "custom_checkpoint_*.pkl",
-)
-
-
-def pickle_weight_files(names: Iterable[str]) -> list[str]:
-    """The pickled weight files among a checkpoint's file names, when it has no safetensors to load instead."""
-    names = list(names)
-    if any(name.endswith(".safetensors") for name in names):
-        return []  # loaders pass use_safetensors=True, so pickles beside safetensors are never read
-    return sorted(
-        name
-        for name in names
-        if name.endswith(PICKLE_SUFFIXES) and not any(fnmatchcase(name, state) for state in TRAINING_STATE_FILES)
-    )
-
-
-def refuse_pickle_weights(names: Iterable[str], where: str, field: str = "model_name_or_path") -> None:
-    """RecipeError naming the file and the fix when a checkpoint's weights exist only as pickles."""
-    pickles = pickle_weight_files(names)
-    if pickles:
-        raise RecipeError(
-            f"{field}: {where}/{pickles[0]} holds pickled weights and there are no safetensors; loading a pickle "
-            "can run code. Convert the checkpoint to safetensors (`save_pretrained` it where you trust it), or "
-            "set `allow_pickle_weights: true` if you trust the source."
-        )
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """True when `path` holds a PEFT adapter (LoRA, DoRA, …) rather than full weights."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(adapter_dir: str | Path, base: str | None = None) -> str:
-    """The base checkpoint an adapter applies to: `base` if given, else the one its adapter_config.json names."""
-    if base:
-        return base
-    with open(Path(adapter_dir) / ADAPTER_CONFIG) as handle:
-        named = json.load(handle).get("base_model_name_or_path")
-    if not named:
-        raise RecipeError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base_model_name_or_path; pass --base BASE_DIR.")
-    return named
-
-
-def _local_files(folder: str | Path) -> list[str]:
-    return [p.name for p in Path(folder).iterdir() if p.is_file()]
 
 
 def check_model_source(name_or_path: str, field: str = "model_name_or_path", allow_pickle: bool = False) -> str:
@@ -106,7 +48,7 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path", all
         if is_adapter_dir(name_or_path) and not (Path(name_or_path) / "config.json").exists():
             # A LoRA stage output or a user's adapter: loads as its base with the adapter merged in.
             if not allow_pickle:
-                refuse_pickle_weights(_local_files(name_or_path), name_or_path, field)
+                refuse_pickle_weights(local_files(name_or_path), name_or_path, field)
             base = adapter_base(name_or_path)
             check_model_source(base, f"{field} (base_model_name_or_path of adapter {name_or_path})", allow_pickle)
             return name_or_path
@@ -116,7 +58,7 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path", all
                 "(a stage's output directory or a save_pretrained folder)."
             )
         if not allow_pickle:
-            refuse_pickle_weights(_local_files(name_or_path), name_or_path, field)
+            refuse_pickle_weights(local_files(name_or_path), name_or_path, field)
         return name_or_path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise RecipeError(
@@ -129,7 +71,7 @@ def check_model_source(name_or_path: str, field: str = "model_name_or_path", all
         cached = try_to_load_from_cache(name_or_path, "config.json")
         if isinstance(cached, str):  # in the local Hub cache: loads offline
             if not allow_pickle:
-                refuse_pickle_weights(_local_files(Path(cached).parent), name_or_path, field)
+                refuse_pickle_weights(local_files(Path(cached).parent), name_or_path, field)
             return name_or_path
     except HFValidationError as error:
         raise RecipeError(
@@ -159,13 +101,7 @@ def _check_pickle_weights(model_args: ModelConfig) -> None:
     """Refuse a local checkpoint whose weights are only pickles, unless its recipe allows them."""
     path = model_args.model_name_or_path
     if not getattr(model_args, "allow_pickle_weights", False) and os.path.isdir(path):
-        refuse_pickle_weights(_local_files(path), path)
-
-
-def warn_remote_code(name_or_path: str | Path, trust_remote_code: bool) -> None:
-    """One stderr line when a checkpoint is loaded with trust_remote_code, naming whose code runs."""
-    if trust_remote_code:
-        print(f"warning: trust_remote_code: runs code from {name_or_path}", file=sys.stderr)
+        refuse_pickle_weights(local_files(path), path)
 
 
 # Tokens that end a text in common vocabularies; a tokenizer without an EOS gets the first one it has.
@@ -318,12 +254,6 @@ def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool = False) 
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def is_dropout_setting(name: str) -> bool:
-    """Whether a config field or module attribute named `name` is a dropout probability (`attention_dropout`,
-    `hidden_dropout_prob`, GPT-2's `resid_pdrop`, `dropout_p`, …)."""
-    return "dropout" in name or name.endswith("pdrop")
-
-
 def _config_with_dropout(model_args: ModelConfig, trust_remote_code: bool) -> dict:
     """`{"config": ...}` with every architecture dropout set to the recipe's `dropout`, or {} when unset."""
     dropout = getattr(model_args, "dropout", None)
@@ -338,30 +268,6 @@ def _config_with_dropout(model_args: ModelConfig, trust_remote_code: bool) -> di
     for name in names:
         setattr(config, name, dropout)
     return {"config": config}
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """No dropout anywhere in `model`, in training mode too: what RL and preference losses need (repeatable log-probs).
-
-    TRL's `disable_dropout_in_model` zeroes `nn.Dropout` modules only. Llama-style attention (most
-    transformers models) keeps a float `attention_dropout` from the config and applies it while training, and
-    some models read the config's value at forward time (GPT-Neo), so every float dropout setting (and OPT's
-    LayerDrop) of every module, of its config and of the sub-configs is set to 0 too. A saved config then records
-    the dropout the model trained with: none.
-    """
-    disable_dropout_in_model(model)
-    owners: list[Any] = list(model.modules())
-    seen: set[int] = set()
-    while owners:
-        owner = owners.pop()
-        if id(owner) in seen:
-            continue
-        seen.add(id(owner))
-        for name, value in list(vars(owner).items()):
-            if isinstance(value, PreTrainedConfig):
-                owners.append(value)  # a model's config, or a sub-config (text_config, …)
-            elif isinstance(value, float) and value != 0.0 and (is_dropout_setting(name) or name == "layerdrop"):
-                setattr(owner, name, 0.0)
 
 
 def load_causal_lm(

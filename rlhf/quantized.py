@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from rlhf.checkpoint_files import local_files, refuse_pickle_weights, warn_remote_code
 from rlhf.config import RecipeError
-from rlhf.modeling import _local_files, refuse_pickle_weights, warn_remote_code
 
 QUANTIZATION_FILE = "quantization.json"
 METHODS = ("int8", "int4")
@@ -59,7 +59,7 @@ def load_quantized(path: str | Path, trust_remote_code: bool = False, allow_pick
     """Load a checkpoint written by `rlhf quantize` (any backend), or a plain checkpoint, for inference."""
     path = Path(path)
     if not allow_pickle and path.is_dir():
-        refuse_pickle_weights(_local_files(path), str(path))
+        refuse_pickle_weights(local_files(path), str(path))
     warn_remote_code(path, trust_remote_code)
     record_file = path / QUANTIZATION_FILE
     record = json.loads(record_file.read_text()) if record_file.exists() else {"backend": None}

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rlhf.checkpoint_files import pickle_weight_files
 from rlhf.config import ModelArguments, RecipeError
+from rlhf.dropout import disable_dropout
 from rlhf.modeling import (
-    disable_dropout,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
-    pickle_weight_files,
 )
 from rlhf.stages import sft
 from tests.conftest import write_recipe

@@ -5,7 +5,7 @@ TRL moved `PPOTrainer` to `trl.experimental` and removed it in 1.13. This packag
 trainer feels at home, and assembles it from accelerate (`Accelerator`, `save_state`), transformers'
 trainer machinery (`TrainerState`, `TrainerControl`, `CallbackHandler`, `get_scheduler`,
 `rotate_checkpoints`) and TRL's utilities (`selective_log_softmax`, `entropy_from_logits`, `use_adapter`;
-`disable_dropout_in_model` through `rlhf.modeling.disable_dropout`, which zeroes attention dropout too).
+`disable_dropout_in_model` through `rlhf.dropout.disable_dropout`, which zeroes attention dropout too).
 
   config      PPOConfig
   core        the math as pure functions (response_mask, kl_penalty, compute_gae, whiten, policy_loss,

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from trl.trainer.utils import use_adapter
 
 from rlhf.config import SHARED_VALUE_HEAD
-from rlhf.modeling import disable_dropout
+from rlhf.dropout import disable_dropout
 from rlhf.rewards import position_ids
 
 SHARED = SHARED_VALUE_HEAD  # value_model_path: a value head on the policy's own backbone
