@@ -68,7 +68,8 @@ from rlhf.ppo.models import (
     with_adapters,
 )
 from rlhf.ppo.optimization import Diverged, PPOOptimization
-from rlhf.ppo.rollout import PromptOrder, RewardFunction, RewardSources, RolloutMaker, encode_prompts
+from rlhf.ppo.rollout import RewardFunction, RewardSources, RolloutMaker
+from rlhf.ppo.sampling import PromptOrder, encode_prompts
 from rlhf.ppo.timing import Stopwatch
 from rlhf.rewards import completions_for
 
