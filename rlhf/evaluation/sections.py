@@ -34,8 +34,9 @@ from rlhf.evaluation.perplexity import perplexity
 from rlhf.evaluation.robustness import robustness_section
 from rlhf.evaluation.safety import safety_section
 from rlhf.ifeval import ifeval_accuracy
+from rlhf.logprobs import kl_to_reference
 from rlhf.plots import plot_training_curves
-from rlhf.rewards import kl_to_reference, reward_model_scores
+from rlhf.rewards import reward_model_scores
 
 Section = Callable[[SectionContext], dict[str, Any]]
 REFERENCE_COLUMNS = ("reference", "answer", "completion")

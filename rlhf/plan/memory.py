@@ -35,6 +35,9 @@ CPU_ACTIVATION_SLACK = 0.18
 # peak at equal tokens; the count by hand is 20: logits, log-softmax, a shifted copy for the token
 # accuracy metric, two gradients). Used on GPU too: the same code runs there.
 LOSS_BYTES_PER_LOGIT = 36
+# RL stages ask for logits only where a response token is predicted (rlhf.logprobs, TRL's GRPO/RLOO with
+# logits_to_keep): those logits, their copy at the sampling temperature and the two gradients, fp32.
+RESPONSE_BYTES_PER_LOGIT = 16
 # DeepSpeed's defaults when accelerate builds the config from its YAML (no bucket sizes given):
 # reduce_bucket_size = allgather_bucket_size = 5e8 elements.
 DEEPSPEED_BUCKET_ELEMENTS = 5e8
@@ -116,10 +119,9 @@ def _loss_logits(m: ModelShape, w: Workload, sequences: int) -> float:
     """Vocabulary-sized tensors alive at the loss (logits, log-softmax, copies for metrics, gradients)."""
     if m.head != "causal":
         return 0.0
-    per_token = LOSS_BYTES_PER_LOGIT
-    if w.stage == "ppo":  # full-sequence logits, then the response part divided by the temperature and its grads
-        return sequences * m.vocab * (4 * w.seq_len + 12 * w.response_len)
-    return sequences * w.seq_len * m.vocab * per_token
+    if w.response_len:  # PPO, GRPO, RLOO: the positions that predict response tokens only
+        return sequences * (w.response_len + 1) * m.vocab * RESPONSE_BYTES_PER_LOGIT
+    return sequences * w.seq_len * m.vocab * LOSS_BYTES_PER_LOGIT
 
 
 def _kv_cache(m: ModelShape, w: Workload) -> float:
@@ -219,8 +221,9 @@ def estimate(models: list[ModelShape], w: Workload, par: Parallelism) -> MemoryP
             put(scoring, "whole policy + value weights (gathered for the rollout)", whole)
         elif par.strategy in ("fsdp2", "zero3"):
             put(rollout, "gathered parameters", (2 * policy.block_parameters + policy.root_parameters) * 2)
-        # no-grad log-probs of generated sequences: full logits, and the response part divided by the temperature
-        put(scoring, "scoring logits (no grad)", w.scoring_batch * policy.vocab * (4 * w.seq_len + 8 * w.response_len))
+        # no-grad log-probs of generated sequences: the response positions' logits, their copy at the temperature
+        # and the entropy's softmax
+        put(scoring, "scoring logits (no grad)", w.scoring_batch * policy.vocab * 12 * (w.response_len + 1))
         moments["rollout generation"] = rollout
         moments["rollout scoring"] = scoring
     for moment in moments.values():

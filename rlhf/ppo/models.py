@@ -20,7 +20,7 @@ from trl.trainer.utils import use_adapter
 
 from rlhf.config import SHARED_VALUE_HEAD
 from rlhf.dropout import disable_dropout
-from rlhf.rewards import position_ids
+from rlhf.logprobs import position_ids, response_forward
 
 SHARED = SHARED_VALUE_HEAD  # value_model_path: a value head on the policy's own backbone
 
@@ -47,29 +47,19 @@ class ValueHead(nn.Module):
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
 
-def policy_forward(
-    policy: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False
-) -> Any:
-    """The policy's forward on left-padded input (positions from the first real token); with `hidden`, its
-    hidden states too."""
-    return policy(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=hidden or None,
-    )
-
-
 def token_values(
     value_model: PreTrainedModel | ValueHead,
     policy: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    context_length: int,
 ) -> torch.Tensor:
-    """The value of every token: a value model's score head, or a shared `ValueHead` on the policy's last layer."""
+    """The value of every response token's state (positions `context_length − 1` to the second to last): a value
+    model's score head, or a shared `ValueHead` on the policy's last layer."""
     if isinstance(value_model, ValueHead):
-        return value_model(policy_forward(policy, input_ids, attention_mask, hidden=True).hidden_states[-1])
-    return token_scores(value_model, input_ids, attention_mask)
+        output = response_forward(policy, input_ids, attention_mask, context_length, hidden=True)
+        return value_model(output.hidden_states[-1][:, context_length - 1 : -1])
+    return token_scores(value_model, input_ids, attention_mask)[:, context_length - 1 : -1]
 
 
 def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -106,12 +96,16 @@ class PolicyAndValue(nn.Module):
             if hasattr(model, "tie_weights"):
                 model.tie_weights()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's logits and the values at the positions that predict the response tokens (after
+        `context_length`)."""
         if isinstance(self.value_model, ValueHead):
-            output = policy_forward(self.policy, input_ids, attention_mask, hidden=True)
-            return output.logits, self.value_model(output.hidden_states[-1])
-        logits = policy_forward(self.policy, input_ids, attention_mask).logits
-        return logits, token_scores(self.value_model, input_ids, attention_mask)
+            output = response_forward(self.policy, input_ids, attention_mask, context_length, hidden=True)
+            return output.logits, self.value_model(output.hidden_states[-1][:, context_length - 1 : -1])
+        logits = response_forward(self.policy, input_ids, attention_mask, context_length).logits
+        return logits, token_values(self.value_model, self.policy, input_ids, attention_mask, context_length)
 
 
 def with_adapters(model: PreTrainedModel, peft_config: Any) -> PreTrainedModel:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-from trl.trainer.utils import selective_log_softmax
 
+from rlhf.logprobs import token_logprobs
 from rlhf.ppo.core import masked_mean, policy_loss, value_loss
 from rlhf.ppo.rollout import Rollout
 
@@ -55,10 +55,11 @@ class PPOOptimization:
                     with self.accelerator.accumulate(self.model):
                         with timed("training"):
                             with self.accelerator.autocast():
-                                logits, vpred = self.model(r.input_ids[idx], r.attention_mask[idx])
-                            logits = logits[:, r.context_length - 1 : -1].float() / self.rollouts.temperature
-                            new_logprobs = selective_log_softmax(logits, r.responses[idx])
-                            vpred = vpred[:, r.context_length - 1 : -1].float()
+                                logits, vpred = self.model(r.input_ids[idx], r.attention_mask[idx], r.context_length)
+                            new_logprobs, _ = token_logprobs(
+                                logits.float(), r.responses[idx], self.rollouts.temperature
+                            )
+                            vpred = vpred.float()
                             micro_mask = mask[idx]
                             pg_loss, pg_clipfrac, approxkl = policy_loss(
                                 new_logprobs, r.logprobs[idx], advantages[idx], micro_mask, args.cliprange

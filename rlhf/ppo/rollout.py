@@ -17,20 +17,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import entropy_from_logits
 
 from rlhf.config import RecipeError
+from rlhf.logprobs import response_forward, response_logprobs, sequence_kl, token_logprobs
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import is_stop_token, masked_mean
-from rlhf.ppo.models import ValueHead, policy_forward, token_values
+from rlhf.ppo.models import ValueHead, token_values
 from rlhf.ppo.sampling import completion_texts, generate
 from rlhf.ppo.timing import Stopwatch
 from rlhf.rewards import (
     RewardGuard,
     check_reward_weights,
     completions_for,
-    logprobs_from_logits,
-    response_logprobs,
     reward_model_scores,
     reward_source_name,
-    sequence_kl,
 )
 
 RewardFunction = Callable[..., list[float]]
@@ -226,8 +224,8 @@ class RolloutMaker:
                 with timed("policy_forward"):
                     if isinstance(value_model, ValueHead):
                         # A shared value head reads the policy's last hidden state: one pass gives both
-                        output = policy_forward(policy, ids, attn, hidden=True)
-                        logprob, logits = logprobs_from_logits(output.logits, ids, context_length, self.temperature)
+                        output = response_forward(policy, ids, attn, context_length, hidden=True)
+                        logprob, logits = token_logprobs(output.logits, ids[:, context_length:], self.temperature)
                     else:
                         logprob, logits = self.logprobs(policy, ids, attn, context_length)
                     entropies.append(entropy_from_logits(logits.float()))
@@ -235,10 +233,10 @@ class RolloutMaker:
                     ref_logprobs.append(self.logprobs(reference_model, ids, attn, context_length)[0])
                 with timed("value_forward"):
                     if isinstance(value_model, ValueHead):
-                        token_value = value_model(output.hidden_states[-1])
+                        token_value = value_model(output.hidden_states[-1][:, context_length - 1 : -1])
                     else:
-                        token_value = token_values(value_model, policy, ids, attn)
-                    values.append(token_value[:, context_length - 1 : -1].float())
+                        token_value = token_values(value_model, policy, ids, attn, context_length)
+                    values.append(token_value.float())
             logprobs.append(logprob)
         with timed("reward"):
             completions = completion_texts(self.tokenizer, responses, mask)
