@@ -4,14 +4,16 @@ TRL ≥ 1.13 has no PPOTrainer, so TRL 1.12 must be installed on its own, beside
 (this script installs nothing):
 
     pip install trl==1.12.0 --no-deps --target /tmp/trl112
-    python benchmarks/ppo_vs_trl.py --trl-path /tmp/trl112 [--updates 20] [--threads 1]
+    python benchmarks/ppo_vs_trl.py --trl-path /tmp/trl112 [--updates 20] [--threads 1] [--repeats 2]
 
 Each trainer runs in its own subprocess (TRL 1.12 is put first on sys.path only inside its worker)
 with the same policy, reference, reward and value models, 16 episodes per update, 12-token
 responses, 2 PPO epochs, one minibatch. Defaults build all-tiny random Llama models (hidden 64,
 2 layers); `--policy outputs/tiny/sft --reward outputs/tiny/reward` uses the embedded task's models.
-Prints episodes/s of both, their ratio, and each one's reward gain (mean score of the last quarter
-of updates minus the first quarter).
+Prints episodes/s of both, their ratio, each one's peak RSS and reward gain (mean score of the last
+quarter of updates minus the first quarter; raw reward-model scores in both: the trainer API is given
+no reward statistics to standardise with). `--repeats N` runs the arms N times, alternated
+(TRL, ours, TRL, ours, ...), and reports each run and the medians.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def run_trl(args: argparse.Namespace, output_dir: str) -> dict:
     trainer.train()
     elapsed = time.time() - start
     scores = [e["objective/scores"] for e in trainer.state.log_history if "objective/scores" in e]
-    return {"trl_version": trl.__version__, "seconds": elapsed, "scores": scores}
+    return {"trl_version": trl.__version__, "seconds": elapsed, "scores": scores, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_ours(args: argparse.Namespace, output_dir: str) -> dict:
@@ -141,7 +143,13 @@ def run_ours(args: argparse.Namespace, output_dir: str) -> dict:
     trainer.train()
     elapsed = time.time() - start
     scores = [e["objective/scores"] for e in trainer.state.log_history if "objective/scores" in e]
-    return {"seconds": elapsed, "scores": scores}
+    return {"seconds": elapsed, "scores": scores, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gain(scores: list[float]) -> float:
@@ -157,6 +165,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per arm, alternated")
     parser.add_argument("--worker", choices=["trl", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -174,27 +183,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         if not (args.policy and args.reward):
             args.policy, args.reward = build_models(Path(folder))
-        results = {}
-        for worker in ("trl", "ours"):
-            command = [sys.executable, __file__, "--worker", worker, "--trl-path", args.trl_path]
-            command += ["--policy", args.policy, "--reward", args.reward, "--updates", str(args.updates)]
-            command += ["--learning-rate", str(args.learning_rate), "--threads", str(args.threads)]
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{worker} worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            results[worker] = json.loads(line[len("RESULT ") :])
-    episodes = 16 * args.updates
-    print(f"{episodes} episodes (16/update, 12-token responses, 2 PPO epochs), {args.threads} thread(s)")
-    for worker, label in (("trl", f"TRL {results['trl']['trl_version']} PPOTrainer"), ("ours", "rlhf.ppo.PPOTrainer")):
-        result = results[worker]
+        runs: dict[str, list[dict]] = {"trl": [], "ours": []}
+        for repeat in range(args.repeats):
+            for worker in ("trl", "ours"):  # alternated, so a slow spell of the machine hits both arms
+                command = [sys.executable, __file__, "--worker", worker, "--trl-path", args.trl_path]
+                command += ["--policy", args.policy, "--reward", args.reward, "--updates", str(args.updates)]
+                command += ["--learning-rate", str(args.learning_rate), "--threads", str(args.threads)]
+                env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+                env["OMP_NUM_THREADS"] = str(args.threads)
+                done = subprocess.run(command, capture_output=True, text=True, env=env)
+                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{worker} worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+                runs[worker].append(json.loads(line[len("RESULT ") :]))
+                result = runs[worker][-1]
+                print(
+                    f"  run {repeat + 1} {worker:<4} {episodes_of(args) / result['seconds']:.3f} episodes/s, "
+                    f"peak RSS {result['peak_rss_mb']:.0f} MB, reward gain {gain(result['scores']):+.3f}",
+                    flush=True,
+                )
+    episodes = episodes_of(args)
+    print(f"{episodes} episodes (16/update, 12-token responses, 2 PPO epochs), {args.threads} thread(s), medians:")
+    trl_label = f"TRL {runs['trl'][0]['trl_version']} PPOTrainer"
+    for worker, label in (("trl", trl_label), ("ours", "rlhf.ppo.PPOTrainer")):
+        results = runs[worker]
         print(
-            f"{label:<26} {episodes / result['seconds']:6.1f} episodes/s   "
-            f"reward gain {gain(result['scores']):+.3f} ({result['scores'][0]:+.3f} → {result['scores'][-1]:+.3f})"
+            f"{label:<26} {episodes / median([r['seconds'] for r in results]):6.3f} episodes/s   "
+            f"peak RSS {median([r['peak_rss_mb'] for r in results]):.0f} MB   "
+            f"reward gain {median([gain(r['scores']) for r in results]):+.3f}"
         )
-    ratio = results["trl"]["seconds"] / results["ours"]["seconds"]
+    ratio = median([r["seconds"] for r in runs["trl"]]) / median([r["seconds"] for r in runs["ours"]])
     print(f"throughput ratio (ours / TRL 1.12): {ratio:.2f}")
+
+
+def episodes_of(args: argparse.Namespace) -> int:
+    return 16 * args.updates
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ PPO = {
 ARMS = {
     "ppo_value_model": {},  # value_model_path unset: the critic starts from the reward model (full size)
     "ppo_shared": {"value_model_path": "shared"},
+    # bf16 autocast (weights and adapters stay fp32): run only where the CPU multiplies bf16 natively
+    "ppo_shared_bf16": {"value_model_path": "shared", "bf16": True},
 }
 GRPO = {
     "max_steps": 3,
@@ -171,7 +173,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="reward,ppo,grpo,sft", help="comma-separated parts to run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rlhf_bench/profile_135m"))
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated PPO arms to run")
     args = parser.parse_args()
+    from rlhf.distributed import cpu_has_native_bf16
+
+    arms = [arm for arm in args.arms.split(",") if cpu_has_native_bf16() or not ARMS[arm].get("bf16")]
     only = set(args.only.split(","))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -190,7 +196,8 @@ def main() -> None:
             work / "reward.yaml",
         )
     }
-    for arm, changes in ARMS.items():
+    for arm in arms:
+        changes = ARMS[arm]
         recipes[arm] = recipe(
             "ppo",
             {
@@ -226,7 +233,7 @@ def main() -> None:
     elif (reward_dir / "metrics.json").exists():
         print("reward: reusing", reward_dir)
     if "ppo" in only:
-        for arm in ARMS:
+        for arm in arms:
             shutil.rmtree(work / arm, ignore_errors=True)
             spent = run_stage(arm, "rlhf.stages.ppo", recipes[arm], work, args.threads)
             results[arm] = {**ppo_figures(work / arm), **spent}

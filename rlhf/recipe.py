@@ -40,15 +40,27 @@ def _on_gpu() -> bool:
 
 
 def _device_defaults(values: dict[str, Any], training_fields: dict[str, Any]) -> None:
-    """TRL configs default to bf16, and TrainingArguments to pinned memory; make a CPU run work without them."""
+    """TRL configs default to bf16, and TrainingArguments to pinned memory; make a CPU run work without them.
+
+    On CPU a run is fp32 unless the recipe says `bf16: true` and the CPU multiplies bf16 natively.
+    """
     if _on_gpu():
         return
+    from rlhf.distributed import cpu_has_native_bf16
+
+    if values.get("fp16") is True:
+        raise RecipeError(
+            "fp16: this machine has no GPU and fp16 training needs one; remove `fp16: true` (fp32 on CPU; or "
+            "`bf16: true` on a CPU with native bf16) or run on a GPU machine."
+        )
+    if values.get("bf16") is True and not cpu_has_native_bf16():
+        raise RecipeError(
+            "bf16: this machine has no GPU and its CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 runs "
+            "slower than fp32; remove `bf16: true` (fp32 on CPU) or run on a GPU machine."
+        )
+    if values.get("bf16") is True and "use_cpu" in training_fields:
+        values.setdefault("use_cpu", True)  # TrainingArguments accepts bf16 without a GPU only when told so
     for flag in ("bf16", "fp16"):
-        if values.get(flag) is True:
-            raise RecipeError(
-                f"{flag}: this machine has no GPU and {flag} training needs one; "
-                f"remove `{flag}: true` (runs in fp32 on CPU) or run on a GPU machine."
-            )
         if flag in training_fields:
             values.setdefault(flag, False)
     # Launched as several processes (torchrun / accelerate launch) without a GPU: accelerate builds the

@@ -39,9 +39,17 @@ def test_cpu_defaults_to_fp32_without_checkpointing(tmp_path, tiny_checkpoint):
     assert recipe.training.activation_checkpointing is False
 
 
-def test_bf16_on_cpu_is_refused(tmp_path, tiny_checkpoint):
-    with pytest.raises(RecipeError, match="bf16: this machine has no GPU"):
-        parse_recipe([str(_recipe(tmp_path, tiny_checkpoint, bf16=True))], SFTConfig, stage="sft")
+def test_bf16_on_cpu_needs_a_cpu_with_native_bf16_and_fp16_a_gpu(tmp_path, tiny_checkpoint, monkeypatch):
+    import rlhf.distributed
+
+    with pytest.raises(RecipeError, match="fp16: this machine has no GPU"):
+        parse_recipe([str(_recipe(tmp_path, tiny_checkpoint, fp16=True))], SFTConfig, stage="sft")
+    recipe = _recipe(tmp_path, tiny_checkpoint, bf16=True)
+    if rlhf.distributed.cpu_has_native_bf16():  # this machine's own answer: bf16 autocast on CPU
+        assert parse_recipe([str(recipe)], SFTConfig, stage="sft").training.bf16 is True
+    monkeypatch.setattr(rlhf.distributed, "cpu_has_native_bf16", lambda: False)  # a CPU that would emulate it
+    with pytest.raises(RecipeError, match="bf16: this machine has no GPU and its CPU has no native bf16"):
+        parse_recipe([str(recipe)], SFTConfig, stage="sft")
 
 
 def test_unknown_key_names_closest_valid_key(tmp_path, tiny_checkpoint):

@@ -79,10 +79,10 @@ def read_workload(stage: Stage, values: dict[str, Any], device: str, prompt_leng
     """The batch, lengths and precision a stage runs with: recipe values over its config class's defaults."""
     get = {**_defaults(training_config_class(stage)), **values}.get
     on_gpu = device == "gpu"
-    for flag in ("bf16", "fp16"):
-        if get(flag) is True and not on_gpu:
-            raise RecipeError(f"{flag}: true needs a GPU and this plan runs on CPU; remove it or pass a GPU --config.")
-    # TRL configs leave bf16 unset and turn it on unless fp16 is (trl BaseConfig); rlhf.recipe turns both off on CPU.
+    if get("fp16") is True and not on_gpu:
+        raise RecipeError("fp16: true needs a GPU and this plan runs on CPU; remove it or pass a GPU --config.")
+    # TRL configs leave bf16 unset and turn it on unless fp16 is (trl BaseConfig); rlhf.recipe turns both off on CPU
+    # unless the recipe says bf16: true (autocast on a CPU with native bf16; rlhf.recipe refuses it elsewhere).
     bf16 = bool(get("bf16")) if get("bf16") is not None else (on_gpu and not get("fp16"))
     half = bf16 or bool(get("fp16"))
     # A recipe's own setting under either name (rlhf.recipe reads both); else the class default on a GPU, off on CPU.

@@ -212,7 +212,7 @@ class RolloutMaker:
         """Sample responses to encoded prompts and score them (`where`: the update, for messages); also each source's
         mean."""
         args, timed = self.args, self.stopwatch
-        with timed("generation"):
+        with timed("generation"), self.accelerator.autocast():
             input_ids, attention_mask, context_length = self.generate(policy, [p["input_ids"] for p in prompts], True)
         responses = input_ids[:, context_length:]
         mask = attention_mask[:, context_length:].bool()
@@ -282,7 +282,8 @@ class RolloutMaker:
         step = self.args.per_device_eval_batch_size
         for start in range(0, len(prompts), step):
             chunk = prompts[start : start + step]
-            ids, attn, context_length = self.generate(policy, [p["input_ids"] for p in chunk], do_sample=False)
+            with self.accelerator.autocast():
+                ids, attn, context_length = self.generate(policy, [p["input_ids"] for p in chunk], do_sample=False)
             mask = attn[:, context_length:].bool()
             completions = completion_texts(self.tokenizer, ids[:, context_length:], mask)
             rows = [p["row"] for p in chunk]
