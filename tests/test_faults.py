@@ -8,6 +8,7 @@ intact and the same command resumes, and a from-scratch initialisation is seeded
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -303,10 +304,8 @@ KILL_RESUME_STAGES = {
 @pytest.mark.parametrize("stage", sorted(KILL_RESUME_STAGES))
 def test_kill_9_then_the_same_command_gives_the_uninterrupted_weights(stage, tmp_path, tiny_sft_checkpoint):
     """SIGKILL after the first checkpoint, rerun: the final weights equal an uninterrupted run's."""
-    outputs = {}
-    for run_name in ("uninterrupted", "killed"):
-        out = tmp_path / run_name
-        recipe = write_recipe(
+    recipes = {
+        run_name: write_recipe(
             tmp_path / f"{run_name}.yaml",
             stage=stage,
             model_name_or_path=str(tiny_sft_checkpoint),
@@ -314,24 +313,25 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_weights(stage, tmp
             max_eval_samples=8,
             eval_strategy="no",
             max_steps=16,
-            output_dir=str(out),
+            output_dir=str(tmp_path / run_name),
             **{**FAST_TRAINING, "save_strategy": "steps", "save_steps": 2},
             **KILL_RESUME_STAGES[stage],
         )
-        command = [sys.executable, "-m", f"rlhf.stages.{stage}", str(recipe)]
-        if run_name == "killed":
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-            deadline = time.time() + 300
-            while time.time() < deadline and not list(
-                tmp_path.glob(f"{run_name}.incomplete/checkpoint-*/trainer_state.json")
-            ):
-                assert process.poll() is None, "the stage ended before it could be killed"
-                time.sleep(0.1)
-            process.kill()
-            process.wait()
-            assert not out.exists()
-        subprocess.run(command, stdout=subprocess.DEVNULL, env=ENV, check=True, timeout=600)
-        outputs[run_name] = load_file(out / "model.safetensors")
+        for run_name in ("uninterrupted", "killed")
+    }
+    # The reference runs in this process (one interpreter start fewer); the killed run is the command, twice.
+    importlib.import_module(f"rlhf.stages.{stage}").main([str(recipes["uninterrupted"])])
+    command = [sys.executable, "-m", f"rlhf.stages.{stage}", str(recipes["killed"])]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("killed.incomplete/checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, "the stage ended before it could be killed"
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "killed").exists()
+    subprocess.run(command, stdout=subprocess.DEVNULL, env=ENV, check=True, timeout=600)
+    outputs = {run_name: load_file(tmp_path / run_name / "model.safetensors") for run_name in recipes}
     assert yaml.safe_load((tmp_path / "killed" / "metrics.json").read_text())["resumed_from"]
     for name, tensor in outputs["uninterrupted"].items():
         assert (outputs["killed"][name] == tensor).all(), f"{stage}: {name} differs after kill -9 and resume"

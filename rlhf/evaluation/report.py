@@ -6,11 +6,14 @@ import html
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from rlhf.plots import plot_histograms, plt, save_figure
+from rlhf.plots import plot_histograms, pyplot, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Headline metrics, in table order: (key, label, higher is better?)
 HEADLINE = [
@@ -60,7 +63,7 @@ def plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     keys = [k for k in RATE_KEYS if any(k in r["metrics"] for r in results.values())]
     if not keys:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys)), 3.8))
+    fig, ax = pyplot().subplots(figsize=(max(6, 1.3 * len(keys)), 3.8))
     width = 0.8 / len(results)
     for i, (name, result) in enumerate(results.items()):
         values = [result["metrics"].get(k, 0.0) for k in keys]
@@ -74,7 +77,7 @@ def plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     return save_figure(fig, path)
 
 
-def helpful_harmless_figure(results: dict[str, dict[str, Any]]) -> plt.Figure | None:
+def helpful_harmless_figure(results: dict[str, dict[str, Any]]) -> Figure | None:
     """The trade-off picture: each model at (harmful requests refused, benign look-alikes answered).
 
     Models name their markers in a legend below the axes, not in labels beside the points: RLHF models
@@ -95,7 +98,7 @@ def helpful_harmless_figure(results: dict[str, dict[str, Any]]) -> plt.Figure | 
             clusters.append((point, [name]))
         else:
             near[1].append(name)
-    fig, ax = plt.subplots(figsize=(5.2, 4.4 + 0.2 * len(clusters)))
+    fig, ax = pyplot().subplots(figsize=(5.2, 4.4 + 0.2 * len(clusters)))
     for i, ((harmless, helpful), names) in enumerate(clusters):
         marker = "osD^vP*X"[i // 10 % 8]  # the colour cycle has 10 colours; the marker tells the next 10 apart
         label = f"{', '.join(names)} ({harmless:.2f}, {helpful:.2f})"
@@ -122,7 +125,7 @@ def plot_grouped(data: dict[str, dict[str, float]], title: str, ylabel: str, pat
     groups = sorted({g for values in data.values() for g in values})
     if not groups:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 3.5))
+    fig, ax = pyplot().subplots(figsize=(max(6, 1.1 * len(groups)), 3.5))
     width = 0.8 / len(data)
     for i, (name, values) in enumerate(data.items()):
         ax.bar([j + i * width for j in range(len(groups))], [values.get(g, 0.0) for g in groups], width, label=name)

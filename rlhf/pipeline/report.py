@@ -13,7 +13,7 @@ from rlhf.config import ModelArguments
 from rlhf.evaluation.report import headline_value, markdown_table, markdown_to_html
 from rlhf.modeling import load_causal_lm, load_tokenizer
 from rlhf.pipeline.spec import Pipeline
-from rlhf.plots import plot_histograms, plt, save_figure
+from rlhf.plots import plot_histograms, pyplot, save_figure
 
 HEADLINE_COLUMNS = [
     ("rule score", "rule_reward"),
@@ -79,7 +79,7 @@ def _plot_bars(results: dict[str, dict[str, Any]], key: str, title: str, path: P
     names = [n for n, r in results.items() if r.get("metrics", {}).get(key) is not None]
     if not names:
         return None
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3))
+    fig, ax = pyplot().subplots(figsize=(max(4, 1.1 * len(names)), 3))
     ax.bar(names, [results[n]["metrics"][key] for n in names], color="#4C72B0")
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)
