@@ -38,9 +38,9 @@ def run(arm: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     metrics = json.loads((output / "metrics.json").read_text())
     before, after = metrics["eval_before"], metrics["eval"]
     return {
-        "rule_before": before["eval_rule_score"],
+        "rule_before": before["eval_before_rule_score"],
         "rule_after": after["eval_rule_score"],
-        "gain": after["eval_rule_score"] - before["eval_rule_score"],
+        "gain": after["eval_rule_score"] - before["eval_before_rule_score"],
         "reward": after["eval_reward"],
         "kl": after["eval_kl"],
         "episodes_per_second": metrics["train"]["episodes_per_second"],

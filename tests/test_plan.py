@@ -129,6 +129,14 @@ def test_a_shared_value_head_plans_no_second_backbone(recipes):
     assert "value model" in {m.role for m in separate.models}
     assert "value model" not in {m.role for m in shared.models}
     assert shared.total < separate.total
+    # A LoRA policy gets a shared head unless value_model_path names a checkpoint, as the stage decides.
+    lora = plan_recipe([str(recipes["ppo"]), "--use_peft", "true"], prompt_length=32)
+    assert "value model" not in {m.role for m in lora.models}
+    value = next(m for m in separate.models if m.role == "value model").path
+    lora_critic = plan_recipe(
+        [str(recipes["ppo"]), "--use_peft", "true", "--value_model_path", value], prompt_length=32
+    )
+    assert "value model" in {m.role for m in lora_critic.models}
 
 
 def test_ppo_under_fsdp_shards_the_frozen_models_and_gathers_the_policy_for_rollouts(recipes):

@@ -540,13 +540,13 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_checkpoint: Path, tm
 
 
 def test_shared_value_head_trains_and_saves_only_the_policy(tiny_sft_checkpoint: Path, tmp_path: Path):
-    # The stage with `value_model_path: shared` under LoRA: policy, reference (adapters off) and critic share a base.
+    # A LoRA policy with no value_model_path gets a shared value head: policy, reference (adapters off) and critic
+    # share one base.
     metrics = run_ppo(
         tmp_path,
         "shared",
         tiny_sft_checkpoint,
         reward_funcs=["tests.test_ppo:polite_reward"],
-        value_model_path="shared",
         use_peft=True,
         lora_r=4,
         lora_alpha=8,
@@ -556,6 +556,7 @@ def test_shared_value_head_trains_and_saves_only_the_policy(tiny_sft_checkpoint:
         max_eval_samples=16,
     )
     assert metrics["train"]["train_updates"] == 3 and metrics["value_model"]["path"] == "shared"
+    assert "the default with LoRA" in metrics["value_model"]["reason"]
     assert math.isfinite(metrics["eval"]["eval_reward"])
     # The output is the policy alone: a plain causal LM with exactly the SFT checkpoint's weights' names,
     # the LoRA updates merged into them.

@@ -132,9 +132,10 @@ def model_roles(stage: Stage, values: dict[str, Any], lora: bool) -> list[tuple[
     policy = str(values["model_name_or_path"])
     name = "policy" if stage.trained_copies > 1 or stage.frozen_copies else "model"
     roles = [(name, policy, "score" if stage.name == "reward" else "causal", True, lora)]
-    # PPO's value model (fully trained, no adapters): value, else reward, else policy; `shared`: a head on the
-    # policy's own backbone, one scalar per token, nothing to plan beside the policy.
-    if stage.trained_copies > 1 and values.get("value_model_path") != SHARED_VALUE_HEAD:
+    # PPO's value model (fully trained, no adapters): value, else reward, else policy; `shared` (the default for a
+    # LoRA policy): a head on the policy's own backbone, one scalar per token, nothing to plan beside the policy.
+    shared = values.get("value_model_path") == SHARED_VALUE_HEAD or (lora and not values.get("value_model_path"))
+    if stage.trained_copies > 1 and not shared:
         value = values.get("value_model_path") or values.get("reward_model_path") or policy
         roles.append(("value model", str(value), "score", True, False))
     frozen = stage.frozen_copies

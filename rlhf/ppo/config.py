@@ -54,8 +54,8 @@ class PPOConfig(TrainingArguments, RewardSourceArguments, DivergenceArguments):
         metadata={
             "help": "Value model start (a causal LM checkpoint with the policy's tokenizer); 'shared': a value head "
             "on the policy's own last hidden state (one backbone; with LoRA one base copy for policy, reference "
-            "and critic); unset: the reward model when it is such a checkpoint, else a new value head on the "
-            "policy checkpoint."
+            "and critic); unset: 'shared' for a LoRA policy, else the reward model when it is such a checkpoint, "
+            "else a new value head on the policy checkpoint."
         },
     )
     ref_adapter_name: str | None = field(default=None, metadata={"help": "LoRA: adapter used as reference."})
