@@ -13,8 +13,10 @@ changed (`ARMS` below):
 - reward: `recipes/smollm2-135m/reward.yaml`, a handful of steps: the model is only a scorer here, so PPO and
   GRPO run with `reward_min_accuracy: 0` (the recipe key that gates it). Built once and reused.
 - PPO: `recipes/smollm2-135m/ppo.yaml` scaled down as in issue 26: LoRA policy, 8 episodes per update,
-  24-token responses, 4 PPO epochs × 2 minibatches, two arms: the reward model as a full-size value model
-  (`value_model_path` unset), and `value_model_path: shared` (a value head on the policy's LoRA base).
+  24-token responses, 4 PPO epochs × 2 minibatches, three arms: the reward model as a full-size value model
+  (`value_model_path` naming it: issue 26's configuration, the default for LoRA before 2026-12-08),
+  `value_model_path: shared` (a value head on the policy's LoRA base, now the default), and the same with
+  `bf16: true` (autocast; only where the CPU multiplies bf16 natively).
   Figures: the `timing/*` keys PPO logs per update (trainer_state.json), `objective/scores` and
   `objective/kl` of each update's rollout.
 - GRPO: `recipes/smollm2-135m/grpo.yaml`, LoRA, 4 prompts × 4 completions of up to 24 tokens per step.
@@ -64,7 +66,8 @@ PPO = {
     "dropout": 0.0,
 }
 ARMS = {
-    "ppo_value_model": {},  # value_model_path unset: the critic starts from the reward model (full size)
+    # the critic a full-size copy of the reward model (named: unset, a LoRA policy now gets a shared head)
+    "ppo_value_model": {"value_model_path": "REWARD_MODEL"},
     "ppo_shared": {"value_model_path": "shared"},
     # bf16 autocast (weights and adapters stay fp32): run only where the CPU multiplies bf16 natively
     "ppo_shared_bf16": {"value_model_path": "shared", "bf16": True},
@@ -197,7 +200,7 @@ def main() -> None:
         )
     }
     for arm in arms:
-        changes = ARMS[arm]
+        changes = {k: str(reward_dir) if v == "REWARD_MODEL" else v for k, v in ARMS[arm].items()}
         recipes[arm] = recipe(
             "ppo",
             {
