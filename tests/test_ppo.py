@@ -17,6 +17,7 @@ from rlhf.artifacts import incomplete_dir
 from rlhf.callbacks import health_callbacks
 from rlhf.config import ModelArguments, RecipeError
 from rlhf.data.synthetic import make_synthetic_dataset, rule_reward
+from rlhf.distributed import cpu_has_native_bf16
 from rlhf.entrypoint import run
 from rlhf.modeling import align_generation_config, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.ppo import (
@@ -463,7 +464,7 @@ def test_a_plain_sequence_classifier_without_metrics_is_used_with_raw_scores(
     assert math.isfinite(metrics["eval"]["eval_reward"])
 
 
-def _tiny_trainer(checkpoint: Path, output_dir: Path) -> PPOTrainer:
+def _tiny_trainer(checkpoint: Path, output_dir: Path, **config) -> PPOTrainer:
     """A PPOTrainer on the tiny model (tied embeddings) with a rule reward, built directly."""
     model_args = ModelConfig(model_name_or_path=str(checkpoint))
     tokenizer = load_tokenizer(model_args)
@@ -480,6 +481,7 @@ def _tiny_trainer(checkpoint: Path, output_dir: Path) -> PPOTrainer:
         response_length=4,
         max_steps=1,
         save_strategy="no",
+        **config,
     )
     return PPOTrainer(
         args=args,
@@ -644,6 +646,21 @@ def test_ppo_sharded_launches_it_cannot_run_are_refused_before_loading(
     with pytest.raises(RecipeError, match=message):
         ppo.parse([str(recipe)])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (bf16: true is refused here)")
+def test_bf16_on_a_cpu_with_native_bf16_autocasts_generation_scoring_and_training(
+    tiny_checkpoint: Path, tmp_path: Path
+):
+    trainer = _tiny_trainer(tiny_checkpoint, tmp_path / "out", bf16=True)
+    autocast = []  # per policy forward: was bf16 autocast on, and did it need gradients (training)?
+    trainer.policy.register_forward_hook(
+        lambda _m, _a, _o: autocast.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+    )
+    trainer.train()
+    assert {grad for _, grad in autocast} == {False, True}  # generation and scoring, then training
+    assert all(enabled for enabled, _ in autocast), autocast
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
 
 
 def test_a_shared_value_head_rollout_runs_the_policy_once_per_batch_with_the_same_numbers(
