@@ -75,7 +75,7 @@ class RewardSources:
         if self.reward_model is not None:
             scores = reward_model_scores(
                 self.reward_model, self.reward_tokenizer, prompts, completions, self.batch_size
-            ).to(device)
+            ).to(device, torch.float32)
             if self.stats:
                 scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-6)
             columns.append(scores)
@@ -190,7 +190,8 @@ class RolloutMaker:
         `across_processes`: each process holds its own share of the batch, so the checks run on all of
         it (gathered) and every process stops, or skips the same samples, alike.
         """
-        values, missing = self.rewards.values(rows, completions, self.accelerator.device)
+        with self.accelerator.autocast():  # a reward model scores at the recipe's precision, as the policy runs
+            values, missing = self.rewards.values(rows, completions, self.accelerator.device)
         if not across_processes:
             values, skipped = self.rewards.guard.check(values, missing, where, record=False)
             return (*self.rewards.total(values, skipped), skipped, values)
