@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import yaml
 # Tests never reach the Hub; a hub id in a test must fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-builds a C++ op for CPU collectives (~25 s) into ~/.cache/torch_extensions, keyed by name only:
+# two clones with their own venvs would rebuild it on every switch. One build folder per environment.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
