@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,22 +209,18 @@ def main() -> None:
     for worker, label in (("trl", trl_label), ("ours", "rlhf.ppo.PPOTrainer")):
         results = runs[worker]
         print(
-            f"{label:<26} {episodes / median([r['seconds'] for r in results]):6.3f} episodes/s   "
-            f"peak RSS {median([r['peak_rss_mb'] for r in results]):.0f} MB   "
-            f"reward gain {median([gain(r['scores']) for r in results]):+.3f}"
+            f"{label:<26} {episodes / statistics.median([r['seconds'] for r in results]):6.3f} episodes/s   "
+            f"peak RSS {statistics.median([r['peak_rss_mb'] for r in results]):.0f} MB   "
+            f"reward gain {statistics.median([gain(r['scores']) for r in results]):+.3f}"
         )
-    ratio = median([r["seconds"] for r in runs["trl"]]) / median([r["seconds"] for r in runs["ours"]])
+    ratio = statistics.median([r["seconds"] for r in runs["trl"]]) / statistics.median(
+        [r["seconds"] for r in runs["ours"]]
+    )
     print(f"throughput ratio (ours / TRL 1.12): {ratio:.2f}")
 
 
 def episodes_of(args: argparse.Namespace) -> int:
     return 16 * args.updates
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 if __name__ == "__main__":

@@ -669,7 +669,7 @@ def test_a_shared_value_head_rollout_runs_the_policy_once_per_batch_with_the_sam
     # The rollout takes log-probs and values from one policy pass when the critic is a shared head: the same
     # numbers, bit for bit, as the separate passes (`response_logprobs`, `token_values`) it replaced.
     from rlhf.logprobs import response_forward, response_logprobs, token_logprobs
-    from rlhf.ppo.models import token_values
+    from rlhf.ppo.models import shared_head_forward
 
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(tiny_sft_checkpoint).eval()
@@ -679,11 +679,11 @@ def test_a_shared_value_head_rollout_runs_the_policy_once_per_batch_with_the_sam
     with torch.no_grad():
         calls = []
         hook = policy.register_forward_hook(lambda *_: calls.append(1))
-        output = response_forward(policy, ids, mask, 3, hidden=True)
-        logprobs, logits = token_logprobs(output.logits, ids[:, 3:], temperature=0.7)
-        values = head(output.hidden_states[-1][:, 2:-1])
+        logits, values = shared_head_forward(policy, head, ids, mask, 3)
+        logprobs, logits = token_logprobs(logits, ids[:, 3:], temperature=0.7)
         assert len(calls) == 1
         hook.remove()
         separate_logprobs, separate_logits = response_logprobs(policy, ids, mask, 3, temperature=0.7)
         assert torch.equal(logprobs, separate_logprobs) and torch.equal(logits, separate_logits)
-        assert torch.equal(values, token_values(head, policy, ids, mask, 3))
+        separate_values = head(response_forward(policy, ids, mask, 3, hidden=True).hidden_states[-1][:, 2:-1])
+        assert torch.equal(values, separate_values)

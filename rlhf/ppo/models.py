@@ -47,18 +47,24 @@ class ValueHead(nn.Module):
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
 
-def token_values(
-    value_model: PreTrainedModel | ValueHead,
+def shared_head_forward(
     policy: PreTrainedModel,
+    head: ValueHead,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     context_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One policy pass, for a shared `ValueHead`: the logits and the values at the positions that predict the
+    response tokens (`context_length − 1` to the second to last)."""
+    output = response_forward(policy, input_ids, attention_mask, context_length, hidden=True)
+    return output.logits, head(output.hidden_states[-1][:, context_length - 1 : -1])
+
+
+def token_values(
+    value_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
 ) -> torch.Tensor:
-    """The value of every response token's state (positions `context_length − 1` to the second to last): a value
-    model's score head, or a shared `ValueHead` on the policy's last layer."""
-    if isinstance(value_model, ValueHead):
-        output = response_forward(policy, input_ids, attention_mask, context_length, hidden=True)
-        return value_model(output.hidden_states[-1][:, context_length - 1 : -1])
+    """A separate value model's value of every response token's state (positions `context_length − 1` to the
+    second to last)."""
     return token_scores(value_model, input_ids, attention_mask)[:, context_length - 1 : -1]
 
 
@@ -102,10 +108,9 @@ class PolicyAndValue(nn.Module):
         """The policy's logits and the values at the positions that predict the response tokens (after
         `context_length`)."""
         if isinstance(self.value_model, ValueHead):
-            output = response_forward(self.policy, input_ids, attention_mask, context_length, hidden=True)
-            return output.logits, self.value_model(output.hidden_states[-1][:, context_length - 1 : -1])
+            return shared_head_forward(self.policy, self.value_model, input_ids, attention_mask, context_length)
         logits = response_forward(self.policy, input_ids, attention_mask, context_length).logits
-        return logits, token_values(self.value_model, self.policy, input_ids, attention_mask, context_length)
+        return logits, token_values(self.value_model, input_ids, attention_mask, context_length)
 
 
 def with_adapters(model: PreTrainedModel, peft_config: Any) -> PreTrainedModel:

@@ -20,7 +20,7 @@ from rlhf.config import RecipeError
 from rlhf.logprobs import response_forward, response_logprobs, sequence_kl, token_logprobs
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import is_stop_token, masked_mean
-from rlhf.ppo.models import ValueHead, token_values
+from rlhf.ppo.models import ValueHead, shared_head_forward, token_values
 from rlhf.ppo.sampling import completion_texts, generate
 from rlhf.ppo.timing import Stopwatch
 from rlhf.rewards import (
@@ -223,20 +223,17 @@ class RolloutMaker:
             ids, attn = input_ids[start : start + step], attention_mask[start : start + step]
             with self.accelerator.autocast():
                 with timed("policy_forward"):
-                    if isinstance(value_model, ValueHead):
-                        # A shared value head reads the policy's last hidden state: one pass gives both
-                        output = response_forward(policy, ids, attn, context_length, hidden=True)
-                        logprob, logits = token_logprobs(output.logits, ids[:, context_length:], self.temperature)
+                    if isinstance(value_model, ValueHead):  # one pass gives log-probs and values
+                        logits, token_value = shared_head_forward(policy, value_model, ids, attn, context_length)
                     else:
-                        logprob, logits = self.logprobs(policy, ids, attn, context_length)
+                        logits = response_forward(policy, ids, attn, context_length).logits
+                    logprob, logits = token_logprobs(logits, ids[:, context_length:], self.temperature)
                     entropies.append(entropy_from_logits(logits.float()))
                 with timed("reference_forward"), reference() as reference_model:
                     ref_logprobs.append(self.logprobs(reference_model, ids, attn, context_length)[0])
                 with timed("value_forward"):
-                    if isinstance(value_model, ValueHead):
-                        token_value = value_model(output.hidden_states[-1][:, context_length - 1 : -1])
-                    else:
-                        token_value = token_values(value_model, policy, ids, attn, context_length)
+                    if not isinstance(value_model, ValueHead):
+                        token_value = token_values(value_model, ids, attn, context_length)
                     values.append(token_value.float())
             logprobs.append(logprob)
         with timed("reward"):
