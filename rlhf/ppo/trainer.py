@@ -35,11 +35,9 @@ from peft import PeftModel
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
-    get_scheduler,
 )
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK
@@ -178,23 +176,6 @@ class PPOTrainer(PPOOptimization):
         else:
             total_episodes = args.total_episodes or int(args.num_train_epochs * len(self.prompts))
             self.num_updates = max(1, math.ceil(total_episodes / self.batch_size))
-
-    def _prepare_optimization(self, model: PolicyAndValue) -> None:
-        """The recipe's `optim` over the trainable weights (transformers' default: fused AdamW, 2.6× faster steps
-        than the unfused one on a 135M model on CPU) and transformers' scheduler, prepared (DDP) by accelerate."""
-        args = self.args
-        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-        optimizer = optimizer_class(
-            [p for p in model.parameters() if p.requires_grad], weight_decay=args.weight_decay, **optimizer_kwargs
-        )
-        scheduler = get_scheduler(
-            args.lr_scheduler_type,
-            optimizer,
-            num_warmup_steps=args.get_warmup_steps(self.num_updates),
-            num_training_steps=self.num_updates,
-            scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
-        )
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, scheduler)
 
     def _set_up_callbacks(self, callbacks: list[TrainerCallback] | None) -> None:
         """transformers' default, reporting and progress callbacks, plus the given ones; a fresh TrainerState."""
