@@ -14,14 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.config import ModelArguments, RecipeError
 from rlhf.data.synthetic import make_synthetic_dataset
 from rlhf.entrypoint import run
-from rlhf.modeling import (
-    align_generation_config,
-    check_tokenizer_fit,
-    eos_token_ids,
-    load_causal_lm,
-    load_tokenizer,
-)
+from rlhf.modeling import align_generation_config, eos_token_ids, load_causal_lm, load_tokenizer
 from rlhf.stages import sft
+from rlhf.token_checks import check_tokenizer_fit
 from tests.conftest import FAST_TRAINING, write_recipe
 
 MESSAGES = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."}]

@@ -33,8 +33,9 @@ from rlhf.artifacts import finish_stage, start_stage
 from rlhf.callbacks import regularization_callbacks
 from rlhf.config import ModelArguments, Recipe, RecipeError
 from rlhf.data import prepare_datasets
-from rlhf.modeling import align_generation_config, check_tokenizer_fit, load_causal_lm, load_tokenizer
+from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer
 from rlhf.recipe import parse_recipe
+from rlhf.token_checks import check_tokenizer_fit
 
 MODES = ("offline", "on_policy", "gkd")
 

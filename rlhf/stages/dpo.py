@@ -21,15 +21,9 @@ from rlhf.callbacks import DivergenceArguments, stage_callbacks
 from rlhf.config import Recipe
 from rlhf.data import prepare_datasets
 from rlhf.distributed import evaluate_before_training
-from rlhf.modeling import (
-    align_generation_config,
-    check_stop_token_trained,
-    check_tokenizer_fit,
-    load_causal_lm,
-    load_tokenizer,
-    merge_adapters,
-)
+from rlhf.modeling import align_generation_config, load_causal_lm, load_tokenizer, merge_adapters
 from rlhf.recipe import parse_recipe
+from rlhf.token_checks import check_stop_token_trained, check_tokenizer_fit
 
 
 @dataclass

@@ -20,14 +20,13 @@ from rlhf.data.assistant_mask import tokenize_conversations
 from rlhf.distributed import evaluate_before_training
 from rlhf.modeling import (
     align_generation_config,
-    check_stop_token_trained,
-    check_tokenizer_fit,
     check_trainable_chat_template,
     load_causal_lm,
     load_tokenizer,
     merge_adapters,
 )
 from rlhf.recipe import parse_recipe
+from rlhf.token_checks import check_stop_token_trained, check_tokenizer_fit
 
 
 def check_stop_token_in_loss(trainer: SFTTrainer, num_rows: int = 8) -> None:
